@@ -72,10 +72,16 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict:
             f"config key 'train.batch_size' ({train['batch_size']}) must be a multiple of "
             f"'train.num_instances' ({train['num_instances']})"
         )
-    if train["batch_size"] % (resolved["model"]["bn_groups"] * train["gpus"]) != 0:
+    bn_groups, gpus = resolved["model"]["bn_groups"], train["gpus"]
+    if bn_groups > 1 and bn_groups % gpus != 0:
+        raise ConfigError(
+            f"config key 'model.bn_groups' ({bn_groups}) must be a multiple of 'train.gpus' ({gpus}): "
+            "each process normalises bn_groups / gpus groups of its share of the batch"
+        )
+    if train["batch_size"] % max(bn_groups, gpus) != 0:
         raise ConfigError(
             f"config key 'train.batch_size' ({train['batch_size']}) must be divisible by "
-            f"model.bn_groups × train.gpus ({resolved['model']['bn_groups']} × {train['gpus']})"
+            f"max(model.bn_groups, train.gpus) = {max(bn_groups, gpus)}"
         )
     return resolved
 

@@ -1,0 +1,223 @@
+"""Train and test loaders, with an optional decoded-once uint8 image cache.
+
+Two interchangeable paths (flag `use_cache`):
+- PIL path: every sample is decoded, bicubic-resized and augmented by PIL in the workers.
+- cache path: every image is decoded and bicubic-resized once into a uint8 N×H×W×3 `.npy`
+  (memory-mapped; keyed by the record list, the files' sizes/mtimes and the size, so a stale
+  cache is rebuilt); workers only gather uint8 rows, and flip / pad-crop / normalise / erasing
+  run as batched tensor ops in the main process on `device` (the GPU when it is CUDA).
+Both draw a batch's augmentation parameters from (seed, epoch, batch) and give the same tensors.
+
+A global batch k of an epoch is fixed by (seed, epoch) alone; with world_size > 1 each rank
+gets rows rank*b:(rank+1)*b of it (b = batch_size / world_size), images and indices alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from purireid.data.datasets import Record
+from purireid.data.samplers import build_sampler, epoch_rng
+from purireid.data.transforms import (
+    AugParams, augment_batch, augment_pil, load_resized, normalise_batch, sample_augmentation,
+    to_normalised_tensor,
+)
+from purireid.io import atomic_path
+
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- image cache
+def cache_key(records: Sequence[Record], data_root: str | Path, height: int, width: int) -> str:
+    """Hash of the paths, their sizes and mtimes, and the size: any change gives a new cache."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {height}x{width}\n".encode())
+    root = Path(data_root)
+    for rec in records:
+        st = os.stat(root / rec.path)
+        digest.update(f"{rec.path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def build_image_cache(records: Sequence[Record], data_root: str | Path, cache_dir: str | Path,
+                      height: int, width: int, *, workers: int = 2, progress: bool = True) -> Path:
+    """Path of the uint8 [N, height, width, 3] .npy of the bicubic-resized images (built if absent).
+
+    Written atomically (temporary file renamed into place); concurrent builders are harmless.
+    """
+    from tqdm import tqdm
+
+    path = Path(cache_dir) / f"images-{height}x{width}-{cache_key(records, data_root, height, width)}.npy"
+    if path.is_file():
+        return path
+    root = Path(data_root)
+    n = len(records)
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
+
+        def fill(i: int) -> None:  # PIL releases the GIL while decoding and resizing
+            arr[i] = np.asarray(load_resized(root / records[i].path, height, width))
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in tqdm(pool.map(fill, range(n)), total=n, desc="caching images", unit="img",
+                          disable=not progress):
+                pass
+        arr.flush()
+        del arr
+    return path
+
+
+def open_image_cache(path: str | Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+# --------------------------------------------------------------------------- train loader
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the workers are the parallelism; avoid oversubscription
+
+
+class _TrainBatches(Dataset):
+    """Item k = rank's slice of global batch k: (images, indices[, params])."""
+
+    def __init__(self, loader: TrainLoader, batches: np.ndarray, epoch: int) -> None:
+        self.loader, self.batches, self.epoch = loader, batches, epoch
+        self._cache: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        ld = self.loader
+        rng = epoch_rng(ld.seed, self.epoch, 1, k)
+        params = sample_augmentation(rng, ld.batch_size, ld.height, ld.width)
+        b = ld.batch_size // ld.world_size
+        sl = slice(ld.rank * b, (ld.rank + 1) * b)
+        params = params.take(sl)
+        idx = self.batches[k, sl]
+        if ld.use_cache:
+            if self._cache is None:  # opened lazily: once per worker process
+                self._cache = open_image_cache(ld.cache_path)
+            # Workers only gather uint8 rows (4x less to ship than float); the main process
+            # augments the batch on `device` (the GPU when there is one).
+            return torch.from_numpy(self._cache[idx]), torch.from_numpy(idx), params
+        root = Path(ld.data_root)
+        images = torch.stack([
+            augment_pil(load_resized(root / ld.records[i].path, ld.height, ld.width), params, j)
+            for j, i in enumerate(idx)])
+        return images, torch.from_numpy(idx)
+
+
+class TrainLoader:
+    """Train batches for an epoch: `for images, indices in loader.epoch(epoch, labels): ...`.
+
+    images: float32 [b, 3, height, width] normalised, on `device`; indices: int64 [b] into
+    `records` (the train split); b = batch_size / world_size.
+    """
+
+    def __init__(self, records: Sequence[Record], data_root: str | Path, *, height: int = 256,
+                 width: int = 128, batch_size: int = 256, num_instances: int = 16, iters: int = 200,
+                 sampler: str = "camera", workers: int = 0, seed: int = 1, rank: int = 0,
+                 world_size: int = 1, use_cache: bool = False, cache_dir: str | Path | None = None,
+                 device: str | torch.device = "cpu", progress: bool = False) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        if use_cache and cache_dir is None:
+            raise ValueError("use_cache=True needs a cache_dir (e.g. results/<dataset>/data/cache)")
+        self.records = list(records)
+        self.data_root = str(data_root)
+        self.height, self.width = height, width
+        self.batch_size, self.num_instances, self.iters = batch_size, num_instances, iters
+        self.sampler, self.workers, self.seed = sampler, workers, seed
+        self.rank, self.world_size = rank, world_size
+        self.use_cache = use_cache
+        self.device = torch.device(device)
+        self.camids = np.array([r.camid for r in self.records], dtype=np.int64)
+        self.cache_path: Path | None = None
+        if use_cache:
+            self.cache_path = build_image_cache(self.records, data_root, cache_dir, height, width,
+                                                workers=max(2, workers), progress=progress)
+
+    def __len__(self) -> int:
+        return self.iters
+
+    def batch_indices(self, epoch: int, labels: np.ndarray, iters: int | None = None) -> np.ndarray:
+        """The epoch's global batches, int64 [iters, batch_size] (all ranks)."""
+        labels = np.asarray(labels)
+        if len(labels) != len(self.records):
+            raise ValueError(f"{len(labels)} labels for {len(self.records)} train records")
+        sampler = build_sampler(self.sampler, labels, self.camids, self.num_instances)
+        return sampler.epoch_batches(epoch_rng(self.seed, epoch, 0), self.batch_size, iters or self.iters)
+
+    def epoch(self, epoch: int, labels: np.ndarray, iters: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Exactly `iters` (default self.iters) batches; labels: pseudo label per record, -1 = outlier."""
+        batches = self.batch_indices(epoch, labels, iters)
+        cuda = self.device.type == "cuda"
+        dataset = _TrainBatches(self, batches, epoch)
+        loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.workers,
+                            pin_memory=cuda, worker_init_fn=_worker_init if self.workers else None,
+                            collate_fn=_identity_collate)
+        for item in loader:
+            if self.use_cache:
+                images, idx, params = item
+                yield augment_batch(images.to(self.device, non_blocking=True), params), idx
+            else:
+                images, idx = item
+                yield images.to(self.device, non_blocking=True), idx
+
+
+def _identity_collate(item):
+    return item  # items are whole batches already; keep AugParams as numpy
+
+
+# --------------------------------------------------------------------------- test loader
+class _TestBatches(Dataset):
+    def __init__(self, records: Sequence[Record], data_root: str, height: int, width: int,
+                 batch_size: int, cache_path: Path | None) -> None:
+        self.records, self.data_root = records, data_root
+        self.height, self.width, self.batch_size = height, width, batch_size
+        self.cache_path = cache_path
+        self._cache: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return (len(self.records) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, k: int):
+        lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, len(self.records))
+        idx = torch.arange(lo, hi, dtype=torch.int64)
+        if self.cache_path is not None:
+            if self._cache is None:
+                self._cache = open_image_cache(self.cache_path)
+            return normalise_batch(torch.from_numpy(np.array(self._cache[lo:hi]))), idx
+        root = Path(self.data_root)
+        return torch.stack([to_normalised_tensor(load_resized(root / r.path, self.height, self.width))
+                            for r in self.records[lo:hi]]), idx
+
+
+def build_test_loader(records: Sequence[Record], data_root: str | Path, *, height: int = 256,
+                      width: int = 128, batch_size: int = 256, workers: int = 0,
+                      use_cache: bool = False, cache_dir: str | Path | None = None,
+                      pin_memory: bool = False) -> DataLoader:
+    """Yields (images float32 [b, 3, H, W], indices int64 [b]) over `records` in order."""
+    records = list(records)
+    cache_path = None
+    if use_cache:
+        if cache_dir is None:
+            raise ValueError("use_cache=True needs a cache_dir")
+        cache_path = build_image_cache(records, data_root, cache_dir, height, width, workers=max(2, workers),
+                                       progress=False)
+    dataset = _TestBatches(records, str(data_root), height, width, batch_size, cache_path)
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init if workers else None)
+
+
+__all__ = ["AugParams", "TrainLoader", "build_image_cache", "build_test_loader", "cache_key",
+           "open_image_cache"]

@@ -1,0 +1,300 @@
+"""Deterministic synthetic person re-id dataset in the Market-1501 layout and naming.
+
+Designed so that the method's ideas matter on a CPU-sized problem:
+- identities are defined by *separate* upper and lower clothing (colour, pattern, sleeve /
+  trouser type) drawn from a small palette, plus minor cues (bag, shoes, hair), so the
+  upper/lower part views carry different, complementary evidence;
+- near-duplicate identities share their upper or lower clothing (or both, differing only in
+  minor cues) so clustering on the global appearance alone makes impure clusters;
+- every camera has its own colour cast, gain/gamma, background, blur, noise, JPEG quality
+  and viewpoint mix (front / back / side; the chest logo is only seen from the front), so
+  raw colour statistics of an untrained network match camera before identity;
+- detection jitter (scale / shift), occluders (cars, poles, passers-by), distractors
+  (pid 0, gallery only) and junk crops (pid -1, gallery only) as in Market-1501.
+
+Every image is drawn from its own RNG seeded by (seed, kind, pid, index), so the output is
+byte-identical for a seed whatever the order of generation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+GENERATOR_VERSION = 1
+
+# Small palette so colours collide between identities (clothing colour alone is ambiguous).
+PALETTE = np.array([
+    [20, 20, 24], [235, 235, 230], [128, 128, 128], [180, 30, 35], [35, 60, 170],
+    [25, 30, 70], [40, 130, 60], [220, 200, 40], [110, 70, 40], [210, 190, 150],
+    [220, 120, 160], [240, 130, 30],
+], dtype=np.float32)
+SKIN = np.array([[240, 205, 180], [210, 160, 120], [160, 110, 75], [100, 65, 45]], np.float32)
+HAIR = np.array([[15, 12, 10], [70, 45, 25], [190, 160, 90], [120, 120, 120]], np.float32)
+UPPER_PATTERNS = ("solid", "hstripe", "vstripe", "check", "logo")
+LOWER_TYPES = ("trousers", "shorts", "skirt")
+VIEWS = ("front", "back", "side")
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.normal(0, 12, 3), 0, 255)
+
+
+def _identity(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "upper": {"colour": _colour(rng), "pattern": UPPER_PATTERNS[rng.integers(5)],
+                  "colour2": _colour(rng), "freq": int(rng.integers(3, 7)),
+                  "long_sleeves": bool(rng.random() < 0.6)},
+        "lower": {"colour": _colour(rng), "type": LOWER_TYPES[rng.choice(3, p=[0.6, 0.2, 0.2])],
+                  "striped": bool(rng.random() < 0.2), "colour2": _colour(rng)},
+        "skin": SKIN[rng.integers(len(SKIN))] + rng.normal(0, 6, 3),
+        "hair": HAIR[rng.integers(len(HAIR))], "long_hair": bool(rng.random() < 0.3),
+        "shoes": _colour(rng) * 0.6,
+        "bag": ["none", "backpack", "shoulder"][rng.choice(3, p=[0.5, 0.3, 0.2])],
+        "bag_colour": _colour(rng),
+        "build": float(rng.uniform(0.85, 1.15)),
+    }
+
+
+def _near_duplicate(rng: np.random.Generator, base: dict[str, Any]) -> dict[str, Any]:
+    """A new identity sharing part of `base`'s appearance (hard negative for clustering)."""
+    new = _identity(rng)
+    share = rng.choice(["upper", "lower", "both"], p=[0.4, 0.4, 0.2])
+    for part in (["upper", "lower"] if share == "both" else [share]):
+        new[part] = {k: (v + rng.normal(0, 6, 3) if isinstance(v, np.ndarray) else v)
+                     for k, v in base[part].items()}
+    return new
+
+
+def _identities(rng: np.random.Generator, n: int, dup_prob: float = 0.35) -> list[dict[str, Any]]:
+    ids: list[dict[str, Any]] = []
+    for _ in range(n):
+        if ids and rng.random() < dup_prob:
+            ids.append(_near_duplicate(rng, ids[int(rng.integers(len(ids)))]))
+        else:
+            ids.append(_identity(rng))
+    return ids
+
+
+def _camera(rng: np.random.Generator) -> dict[str, Any]:
+    views = rng.dirichlet([1.0, 1.0, 1.0])
+    return {
+        "gain": rng.uniform(0.65, 1.35, 3), "bias": rng.uniform(-25, 25, 3),
+        "gamma": float(rng.uniform(0.7, 1.45)), "blur": float(rng.uniform(0.0, 1.4)),
+        "noise": float(rng.uniform(2, 9)), "quality": int(rng.integers(55, 95)),
+        "views": views, "wall": _colour(rng), "floor": _colour(rng) * 0.7,
+        "horizon": float(rng.uniform(0.45, 0.8)), "texture": float(rng.uniform(0, 30)),
+        "tex_freq": float(rng.uniform(0.1, 0.6)),
+    }
+
+
+def _render(rng: np.random.Generator, ident: dict[str, Any] | None, cam: dict[str, Any],
+            h: int, w: int, junk: bool = False) -> bytes:
+    ys = np.arange(h, dtype=np.float32)[:, None] + 0.5
+    xs = np.arange(w, dtype=np.float32)[None, :] + 0.5
+    # Background: wall / floor split, textured, shifted per image.
+    phase = rng.uniform(0, 100)
+    horizon = cam["horizon"] * h + rng.normal(0, 3)
+    img = np.where((ys < horizon)[..., None], cam["wall"], cam["floor"]).astype(np.float32)
+    img = img + cam["texture"] * np.sin((xs + phase) * cam["tex_freq"] + ys * 0.05)[..., None]
+    img = img + rng.normal(0, 10, (h, 1, 1)).astype(np.float32) * 0.5
+
+    if ident is not None:
+        scale = rng.uniform(0.78, 1.0) if not junk else rng.uniform(1.6, 2.6)
+        ph = h * scale
+        y0 = (h - ph) / 2 + rng.normal(0, 0.04) * h - (0 if not junk else rng.uniform(0, ph * 0.5))
+        cx = w / 2 + rng.normal(0, 0.07) * w
+        view = VIEWS[rng.choice(3, p=cam["views"])]
+        pw = ph * 0.34 * ident["build"] * (0.62 if view == "side" else 1.0)
+        u = (xs - cx) / pw
+        v = (ys - y0) / ph
+        au = np.abs(u)
+        up, lo = ident["upper"], ident["lower"]
+
+        def paint(mask: np.ndarray, colour: np.ndarray) -> None:
+            img[mask] = colour
+
+        if ident["bag"] == "backpack" and view != "front":
+            off = 0.35 if view == "side" else 0.0
+            paint((np.abs(u + off) < 0.42) & (v > 0.17) & (v < 0.45), ident["bag_colour"])
+        # Legs / lower clothing.
+        spread = rng.uniform(0.0, 0.12) if view == "side" else 0.0
+        legs = (v > 0.52) & (v < 0.95) & (au < 0.44) & (au > 0.04 - spread)
+        if lo["type"] == "trousers":
+            paint(legs, lo["colour"])
+            if lo["striped"]:
+                paint(legs & ((au > 0.34) & (au < 0.42)), lo["colour2"])
+        else:
+            paint(legs, ident["skin"])
+            top = 0.70 if lo["type"] == "shorts" else 0.78
+            if lo["type"] == "skirt":
+                paint((v > 0.5) & (v < top) & (au < 0.45 + 0.5 * (v - 0.5)), lo["colour"])
+            else:
+                paint(legs & (v < top), lo["colour"])
+        paint((v >= 0.94) & (v < 0.995) & (au < 0.46) & (au > 0.02), ident["shoes"])
+        # Torso with its pattern (the logo is on the chest: visible from the front only).
+        torso = (v > 0.15) & (v <= 0.53) & (au < 0.5 - 0.08 * (v - 0.15))
+        paint(torso, up["colour"])
+        k = up["freq"]
+        pat = up["pattern"]
+        if pat == "hstripe":
+            paint(torso & (((v - 0.15) / 0.38 * k) % 1 < 0.5), up["colour2"])
+        elif pat == "vstripe":
+            paint(torso & (((u + 0.5) * k) % 1 < 0.5), up["colour2"])
+        elif pat == "check":
+            paint(torso & ((((v - 0.15) / 0.38 * k) % 1 < 0.5) ^ (((u + 0.5) * k) % 1 < 0.5)), up["colour2"])
+        elif pat == "logo" and view == "front":
+            paint(torso & (au < 0.2) & (v > 0.22) & (v < 0.34), up["colour2"])
+        # Arms: sleeves in the upper colour, forearms in skin for short sleeves.
+        arm_side = (au > 0.5) & (au < 0.66) if view != "side" else (np.abs(u - 0.1) < 0.14)
+        arms = arm_side & (v > 0.16) & (v < 0.52)
+        paint(arms, ident["skin"])
+        paint(arms & (v < (0.5 if up["long_sleeves"] else 0.28)), up["colour"])
+        if ident["bag"] == "shoulder":
+            side = 1 if view != "side" else 0
+            paint((np.abs(u - 0.55 * side) < 0.16) & (v > 0.42) & (v < 0.58), ident["bag_colour"])
+            paint((np.abs(u - (v - 0.16) * 1.6 + 0.5) < 0.06) & (v > 0.16) & (v < 0.42), ident["bag_colour"])
+        # Head and hair (back view: hair covers the head).
+        head = (u / 0.21) ** 2 + ((v - 0.08) / 0.075) ** 2 < 1
+        paint(head, ident["skin"])
+        hair = head & ((v < 0.05) if view == "front" else (v < 0.13 if view == "back" else (v < 0.06) | (u < -0.05)))
+        paint(hair, ident["hair"])
+        if ident["long_hair"] and view != "front":
+            paint((au < 0.22) & (v > 0.1) & (v < 0.24), ident["hair"])
+
+    # Occluders: a car / bench from below, a pole, or a passer-by at the side.
+    if rng.random() < 0.25:
+        kind = rng.integers(3)
+        col = _colour(rng)
+        if kind == 0:
+            occ = ys > h * rng.uniform(0.6, 0.85)
+        elif kind == 1:
+            x0 = rng.uniform(0, w)
+            occ = np.abs(xs - x0) < w * rng.uniform(0.05, 0.14)
+        else:
+            x0 = rng.choice([0.0, float(w)])
+            occ = np.abs(xs - x0) < w * rng.uniform(0.2, 0.4)
+        img[np.broadcast_to(occ, (h, w))] = col + rng.normal(0, 8, 3)
+
+    # Camera: colour cast, gamma, noise, blur, JPEG quality.
+    light = rng.uniform(0.85, 1.15)
+    img = img * (cam["gain"] * light) + cam["bias"]
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** cam["gamma"]
+    img = img + rng.normal(0, cam["noise"], img.shape)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    blur = cam["blur"] + rng.uniform(0, 0.3)
+    if blur > 0.2:
+        pil = pil.filter(ImageFilter.GaussianBlur(blur * w / 64))
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=cam["quality"])
+    return buf.getvalue()
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, *keys])
+
+
+def _camera_split(rng: np.random.Generator, n_images: int, num_cameras: int, min_per_cam: int) -> list[int]:
+    """Cameras of one identity's images: 2..num_cameras cameras, each with >= min_per_cam images."""
+    max_cams = max(2, min(num_cameras, n_images // max(min_per_cam, 1)))
+    n_cams = int(rng.integers(2, max_cams + 1)) if max_cams > 2 else 2
+    cams = sorted(rng.choice(num_cameras, size=n_cams, replace=False).tolist())
+    base = [c for c in cams for _ in range(min_per_cam)][:n_images]
+    rest = rng.choice(cams, size=n_images - len(base)).tolist()
+    return sorted(base + rest)
+
+
+def generate_synthetic(out_dir: str | Path, *, num_train_ids: int = 100, num_test_ids: int = 50,
+                       images_per_id: int = 15, num_cameras: int = 6, height: int = 128,
+                       width: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Write the dataset to `out_dir` (bounding_box_train/, query/, bounding_box_test/, synthetic.json).
+
+    Built in a temporary sibling folder and renamed into place, so a killed run leaves no
+    half-written dataset. Returns the summary also written to synthetic.json.
+    """
+    out_dir = Path(out_dir)
+    params = {"num_train_ids": num_train_ids, "num_test_ids": num_test_ids,
+              "images_per_id": images_per_id, "num_cameras": num_cameras, "height": height,
+              "width": width, "seed": seed, "version": GENERATOR_VERSION}
+    rng = _rng(seed, 0)
+    cameras = [_camera(rng) for _ in range(num_cameras)]
+    people = _identities(rng, num_train_ids + num_test_ids)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    counts = {"train": 0, "query": 0, "gallery": 0, "distractors": 0, "junk": 0}
+    frame = 0
+
+    def write(folder: str, pid: int, cam: int, data: bytes) -> None:
+        nonlocal frame
+        frame += 1
+        pid_s = "-1" if pid < 0 else f"{pid:04d}"
+        (tmp / folder / f"{pid_s}_c{cam + 1}s1_{frame:06d}_01.jpg").write_bytes(data)
+
+    try:
+        for sub in ("bounding_box_train", "query", "bounding_box_test"):
+            (tmp / sub).mkdir()
+        for i, ident in enumerate(people):
+            pid = i + 1
+            is_test = i >= num_train_ids
+            r = _rng(seed, 1, pid)
+            cams = _camera_split(r, images_per_id, num_cameras, 2 if is_test else 1)
+            if not is_test:
+                for j, cam in enumerate(cams):
+                    write("bounding_box_train", pid, cam, _render(_rng(seed, 2, pid, j), ident, cameras[cam], height, width))
+                counts["train"] += len(cams)
+                continue
+            # Query: one image of up to 3 cameras; every camera keeps >= 1 gallery image, so
+            # each query has a true match in another camera.
+            per_cam: dict[int, list[int]] = {}
+            for j, cam in enumerate(cams):
+                per_cam.setdefault(cam, []).append(j)
+            eligible = [c for c, js in per_cam.items() if len(js) >= 2]
+            q_cams = set(r.permutation(eligible)[:3].tolist())
+            query_j = {per_cam[c][0] for c in q_cams}
+            for j, cam in enumerate(cams):
+                folder = "query" if j in query_j else "bounding_box_test"
+                write(folder, pid, cam, _render(_rng(seed, 2, pid, j), ident, cameras[cam], height, width))
+                counts["query" if j in query_j else "gallery"] += 1
+        # Distractors (pid 0): one-off people in the gallery; junk (pid -1): bad crops.
+        for j in range(max(4, num_test_ids)):
+            r = _rng(seed, 3, j)
+            cam = int(r.integers(num_cameras))
+            write("bounding_box_test", 0, cam, _render(r, _identity(r), cameras[cam], height, width))
+            counts["gallery"] += 1
+            counts["distractors"] += 1
+        for j in range(max(2, num_test_ids // 5)):
+            r = _rng(seed, 4, j)
+            cam = int(r.integers(num_cameras))
+            ident = _identity(r) if r.random() < 0.7 else None
+            write("bounding_box_test", -1, cam, _render(r, ident, cameras[cam], height, width, junk=True))
+            counts["junk"] += 1
+        summary = {"params": params, "counts": counts}
+        (tmp / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return summary
+
+
+def synthetic_params_match(out_dir: str | Path, **params: Any) -> bool:
+    """True if `out_dir` holds a complete dataset generated with exactly these parameters."""
+    meta = Path(out_dir) / "synthetic.json"
+    if not meta.is_file():
+        return False
+    try:
+        stored = json.loads(meta.read_text())["params"]
+    except (ValueError, KeyError):
+        return False
+    return stored == {**params, "version": GENERATOR_VERSION}

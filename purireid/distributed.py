@@ -1,0 +1,119 @@
+"""One process per GPU (DistributedDataParallel) on one node, and a no-op context for one process.
+
+Whether to run distributed comes from the config alone (`train.gpus`), never from
+environment variables such as SLURM_PROCID or RANK, which every SLURM job has.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank, world size and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        holder = [obj if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0, in rank order (sizes may differ)."""
+        if not self.distributed:
+            return tensor
+        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+        max_size = int(max(s.item() for s in sizes))
+        padded = torch.zeros((max_size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0)
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of n items (rank order = item order)."""
+        per_rank = -(-n // self.world_size)
+        start = min(n, self.rank * per_rank)
+        return range(start, min(n, start + per_rank))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when visible; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "config key 'device' is 'cuda' but no CUDA device is visible to this job; "
+            "set device: auto (or cpu), or run the job on a GPU node"
+        )
+    return torch.device(name)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world_size: int, device_name: str, port: int,
+            fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    base = resolve_device(device_name)
+    if base.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        # Processes share the cores: one thread each avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size)
+    try:
+        fn(*args, ctx=DistContext(rank, world_size, device), **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], *args: Any, world_size: int, device: str, **kwargs: Any) -> None:
+    """Run `fn(*args, ctx=DistContext, **kwargs)` in `world_size` processes (or in this one)."""
+    base = resolve_device(device)
+    if world_size <= 1:
+        fn(*args, ctx=DistContext(0, 1, base), **kwargs)
+        return
+    if base.type == "cuda" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(
+            f"config key 'train.gpus' asks for {world_size} GPUs but {torch.cuda.device_count()} are "
+            "visible; request that many GPUs for the rule (resources gpu / SLURM gres) or lower train.gpus"
+        )
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_worker, args=(world_size, device, _free_port(), fn, args, kwargs),
+                       nprocs=world_size, join=True, start_method="spawn")

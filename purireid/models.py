@@ -1,0 +1,309 @@
+"""Multi-view ResNet of SPEC §2, with optional ghost BatchNorm (``bn_groups``).
+
+The backbone's modules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ...)
+directly on the model, so a torchvision ResNet state_dict loads into it key for key
+(its ``fc.*`` entries are dropped: the model has no classifier).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import models as tvm
+
+from purireid import VIEWS
+
+__all__ = [
+    "GeM",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "MultiViewResNet",
+    "build_model",
+    "imagenet_weights_path",
+    "set_bn_groups",
+]
+
+# arch -> (torchvision constructor, weights enums in order of preference).
+# IMAGENET1K_V1 first: it is what `pretrained=True` gave the authors' code.
+_ARCHS = {
+    "resnet18": (tvm.resnet18, (tvm.ResNet18_Weights.IMAGENET1K_V1,)),
+    "resnet34": (tvm.resnet34, (tvm.ResNet34_Weights.IMAGENET1K_V1,)),
+    "resnet50": (
+        tvm.resnet50,
+        (tvm.ResNet50_Weights.IMAGENET1K_V1, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    ),
+}
+
+_BACKBONE_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+# --------------------------------------------------------------------------- ghost BN
+
+
+class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are computed per contiguous group.
+
+    With ``bn_groups = g`` a batch of B samples is split into g groups of B/g; each group
+    is normalised with its own batch statistics (as each GPU's replica does under
+    DataParallel). Running statistics are updated from the first group only, which is
+    what DataParallel (replica 0 holds the real buffers) and DDP with broadcast_buffers
+    (rank 0's buffers win) end up keeping. Eval mode, or g = 1, is plain BatchNorm.
+    The state_dict layout is that of the parent class.
+    """
+
+    bn_groups: int = 1
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's name
+        g = int(self.bn_groups)
+        if g == 1 or not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        b = input.shape[0]
+        if b % g != 0:
+            raise ValueError(
+                f"{type(self).__name__}: batch of {b} is not divisible by bn_groups={g}"
+            )
+        n, c = b // g, input.shape[1]
+        rest = input.shape[2:]
+
+        # Same momentum bookkeeping as torch's _BatchNorm.forward.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+
+        # Reshape trick: [g*n, C, *S] -> [n, g*C, *S], so that one ordinary batch_norm
+        # call computes g independent sets of statistics (channel k*C + c is channel c
+        # of group k). One copy in, one copy out, no Python loop over groups.
+        x = input.reshape(g, n, c, *rest).transpose(0, 1).reshape(n, g * c, *rest)
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
+        if self.track_running_stats:
+            # Every group starts from the same running stats; keep group 0's update.
+            rm = self.running_mean.repeat(g)
+            rv = self.running_var.repeat(g)
+        else:
+            rm = rv = None
+        y = F.batch_norm(x, rm, rv, weight, bias, True, factor, self.eps)
+        if rm is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(rm[:c])
+                self.running_var.copy_(rv[:c])
+        return y.reshape(n, g, c, *rest).transpose(0, 1).reshape(input.shape)
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with ``bn_groups`` (see :class:`_GhostBatchNorm`)."""
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with ``bn_groups`` (see :class:`_GhostBatchNorm`)."""
+
+
+def _convert_bn(module: nn.Module) -> None:
+    """Turn every BatchNorm1d/2d under ``module`` into its ghost twin, in place.
+
+    Only the class changes (the ghost classes add no state), so parameters keep their
+    identity: an optimiser built before the conversion still holds the right tensors.
+    """
+    for m in module.modules():
+        if isinstance(m, _GhostBatchNorm):
+            continue
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GhostBatchNorm2d
+        elif type(m) is nn.BatchNorm1d:
+            m.__class__ = GhostBatchNorm1d
+
+
+def set_bn_groups(model: nn.Module, n: int) -> nn.Module:
+    """Set the number of ghost-BN groups of every BatchNorm in ``model`` (in place).
+
+    Plain ``nn.BatchNorm1d/2d`` modules are converted first, so this also works on a
+    model that was not built by :func:`build_model`. Returns ``model``.
+    """
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"bn_groups must be >= 1, got {n}")
+    _convert_bn(model)
+    for m in model.modules():
+        if isinstance(m, _GhostBatchNorm):
+            m.bn_groups = n
+    return model
+
+
+# --------------------------------------------------------------------------- model
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent p (init 3), SPEC §2."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1)
+        return pooled.pow(1.0 / self.p).flatten(1)
+
+
+def _neck(dim: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(dim)
+    nn.init.constant_(bn.weight, 1.0)
+    nn.init.constant_(bn.bias, 0.0)
+    bn.bias.requires_grad_(False)  # frozen bias, as in the released code
+    return bn
+
+
+class MultiViewResNet(nn.Module):
+    """ResNet trunk (last stride 1) + global/upper/lower GeM + BN neck per view.
+
+    ``forward(x)`` returns ``{"global", "upper", "lower"}`` -> L2-normalised ``[B, feat_dim]``.
+    """
+
+    def __init__(self, resnet: tvm.ResNet, bn_groups: int = 1) -> None:
+        super().__init__()
+        layer4_first = resnet.layer4[0]
+        # Last stride 1 (SPEC §2): the strided conv of layer4's first block + its shortcut.
+        strided = layer4_first.conv2 if isinstance(layer4_first, tvm.resnet.Bottleneck) else layer4_first.conv1
+        strided.stride = (1, 1)
+        if layer4_first.downsample is not None:
+            layer4_first.downsample[0].stride = (1, 1)
+        for name in _BACKBONE_NAMES:
+            setattr(self, name, getattr(resnet, name))
+        self.feat_dim = int(resnet.fc.in_features)
+        self.pools = nn.ModuleDict({v: GeM(3.0) for v in VIEWS})
+        self.necks = nn.ModuleDict({v: _neck(self.feat_dim) for v in VIEWS})
+        set_bn_groups(self, bn_groups)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The layer4 map ``[B, feat_dim, H/16, W/16]``."""
+        for name in _BACKBONE_NAMES:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        fmap = self.feature_map(x)
+        h = fmap.shape[2] // 2
+        parts = {"global": fmap, "upper": fmap[:, :, :h], "lower": fmap[:, :, h : 2 * h]}
+        return {
+            v: F.normalize(self.necks[v](self.pools[v](parts[v])), dim=1) for v in VIEWS
+        }
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def imagenet_weights_path(arch: str) -> list[Path]:
+    """Where :func:`build_model` looks for ImageNet weights, in order of preference.
+
+    ``torch.hub.get_dir()/checkpoints/<torchvision's file name>``; nothing is downloaded.
+    """
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(_ARCHS)}")
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    return [ckpt_dir / os.path.basename(w.url) for w in _ARCHS[arch][1]]
+
+
+def _unwrap_state_dict(obj: object, source: str) -> dict[str, Tensor]:
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{source} does not hold a state_dict (a mapping name -> tensor)")
+    prefix = "module."  # saved from DataParallel / DDP
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in obj.items()}
+
+
+def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str) -> None:
+    """Load a torchvision ResNet state_dict (fc ignored) or a full MultiViewResNet one."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    own_backbone = {k for k in own if k.split(".")[0] in _BACKBONE_NAMES}
+    head = set(own) - own_backbone
+    keys = set(state)
+    # Either exactly the backbone, or the backbone plus the views' heads.
+    missing = sorted(own_backbone - keys) + sorted((head - keys) if keys & head else [])
+    unexpected = sorted(keys - set(own))
+    shape_bad = sorted(k for k in keys & set(own) if state[k].shape != own[k].shape)
+    if missing or unexpected or shape_bad:
+        def show(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
+
+        details = []
+        if missing:
+            details.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            details.append(f"unexpected keys: {show(unexpected)}")
+        if shape_bad:
+            details.append(f"shape mismatch: {show(shape_bad)}")
+        raise ValueError(
+            f"weights in {source} do not fit this {len(own_backbone)}-tensor backbone "
+            f"(wrong arch?): " + "; ".join(details)
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def build_model(
+    arch: str = "resnet50", pretrained: str = "imagenet", bn_groups: int = 1
+) -> MultiViewResNet:
+    """Build the multi-view ResNet of SPEC §2.
+
+    ``pretrained``: ``"imagenet"`` (torchvision's file in the torch hub cache, see
+    :func:`imagenet_weights_path`; a clear ``FileNotFoundError`` when absent, never a
+    download nor a silent random init), ``"none"`` (random init), or a path to a
+    state_dict (torchvision ResNet layout, or a full MultiViewResNet one).
+    """
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(_ARCHS)}")
+    ctor = _ARCHS[arch][0]
+    model = MultiViewResNet(ctor(weights=None), bn_groups=1)
+    pretrained = str(pretrained)
+
+    if pretrained == "none":
+        pass
+    elif pretrained == "imagenet":
+        candidates = imagenet_weights_path(arch)
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"ImageNet weights for {arch} not found: place torchvision's file "
+                f"{candidates[0].name} at {candidates[0]} (the torch hub cache; set "
+                f"TORCH_HOME to move it), or give model.pretrained the path of a "
+                f"state_dict file instead, or 'none' for a random init. "
+                f"Nothing is downloaded."
+            )
+        if found != candidates[0]:
+            warnings.warn(
+                f"{candidates[0].name} not found; using {found.name} (other ImageNet "
+                f"weights than the paper's)",
+                stacklevel=2,
+            )
+        _load_backbone(model, _unwrap_state_dict(_torch_load(found), str(found)), str(found))
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained!r}: no such weights file ({path.resolve()}); "
+                f"use 'imagenet', 'none' or the path of a state_dict file"
+            )
+        _load_backbone(model, _unwrap_state_dict(_torch_load(path), str(path)), str(path))
+
+    set_bn_groups(model, bn_groups)
+    return model
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, ...
+        raise ValueError(f"cannot read weights file {path}: {exc}") from exc

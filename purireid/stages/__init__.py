@@ -1,0 +1,1 @@
+"""Stage entry points: each takes a resolved config and explicit paths (see docs/architecture.md)."""

@@ -1,0 +1,22 @@
+"""Stage: train the teacher from ImageNet initialisation (SPEC §3–§4, §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from purireid.distributed import DistContext, launch
+from purireid.stages.trainer import train
+
+
+def _worker(config: Mapping[str, Any], paths: dict[str, Path], *, ctx: DistContext) -> None:
+    train(config, **paths, ctx=ctx, role="teacher")
+
+
+def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Path, log_jsonl: str | Path,
+        curve_png: str | Path, state_dir: str | Path) -> None:
+    """Train the teacher; resumes from `state_dir` after an interruption."""
+    paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
+             "curve_png": Path(curve_png), "state_dir": Path(state_dir)}
+    launch(_worker, dict(config), paths, world_size=config["train"]["gpus"], device=config["device"])

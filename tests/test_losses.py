@@ -1,0 +1,168 @@
+"""Cluster memory, distillation and the fused loss (SPEC §4-§5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from purireid import VIEWS
+from purireid.losses import (
+    ClusterMemory,
+    _occurrence_rank,
+    distillation_loss,
+    purification_loss,
+    view_weights,
+)
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).float()
+
+
+def reference_update(memory, features, targets, momentum):
+    """The released code's loop, sample by sample in batch order."""
+    m = memory.clone()
+    for x, y in zip(features, targets.tolist()):
+        m[y] = momentum * m[y] + (1.0 - momentum) * x
+        m[y] = m[y] / m[y].norm()
+    return m
+
+
+def test_memory_loss_and_gradient_vs_manual():
+    centres = _unit(5, 8, seed=1)
+    feats = _unit(6, 8, seed=2).requires_grad_(True)
+    targets = torch.tensor([0, 3, 3, 4, 1, 0])
+    mem = ClusterMemory(centres, temperature=0.05)
+    loss = mem(feats, targets)
+    loss.backward()
+    # By hand: mean over the batch of -log softmax(f . m / tau)[y].
+    logits = feats.detach().double() @ centres.double().T / 0.05
+    p = torch.softmax(logits, dim=1)
+    manual = -torch.log(p[torch.arange(6), targets]).mean()
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    # d loss / d f_i = (p_i - onehot_i) @ M / tau / B
+    grad = (p - F.one_hot(targets, 5).double()) @ centres.double() / 0.05 / 6
+    torch.testing.assert_close(feats.grad.double(), grad, rtol=1e-4, atol=1e-6)
+    assert "memory" in dict(mem.named_buffers())
+    assert list(mem.parameters()) == []
+
+
+def test_update_by_hand():
+    mem = ClusterMemory(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), momentum=0.5)
+    x = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    mem.update(x, torch.tensor([0, 0, 1]))
+    # row 0: [1,0] -> [.5,.5]/|.| = [s, s]; then .5*[s,s] + .5*[0,1] renormalised
+    s = 1 / math.sqrt(2)
+    a = torch.tensor([0.5 * s, 0.5 * s + 0.5])
+    torch.testing.assert_close(mem.memory[0], a / a.norm())
+    torch.testing.assert_close(mem.memory[1], torch.tensor([s, s]))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 0.0])
+def test_update_equals_sequential_loop_with_repeated_labels(momentum):
+    centres = _unit(7, 16, seed=3)
+    feats = _unit(40, 16, seed=4)
+    g = torch.Generator().manual_seed(5)
+    targets = torch.randint(0, 7, (40,), generator=g)
+    targets[:5] = 2  # a run of repeats at the start, and more later
+    targets[-3:] = 2
+    mem = ClusterMemory(centres, momentum=momentum)
+    mem.update(feats, targets)
+    ref = reference_update(centres, feats, targets, momentum)
+    torch.testing.assert_close(mem.memory, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mem.memory.norm(dim=1), torch.ones(7))
+    if momentum == 0.0:  # the last sample of each label wins
+        for c in targets.unique().tolist():
+            last = (targets == c).nonzero()[-1, 0]
+            torch.testing.assert_close(mem.memory[c], feats[last])
+
+
+def test_update_order_matters_and_is_batch_order():
+    centres = _unit(2, 4, seed=6)
+    a, b = _unit(2, 4, seed=7)
+    m1 = ClusterMemory(centres, momentum=0.3)
+    m1.update(torch.stack([a, b]), torch.tensor([1, 1]))
+    m2 = ClusterMemory(centres, momentum=0.3)
+    m2.update(torch.stack([b, a]), torch.tensor([1, 1]))
+    assert not torch.allclose(m1.memory[1], m2.memory[1])
+    torch.testing.assert_close(m1.memory, reference_update(centres, torch.stack([a, b]), torch.tensor([1, 1]), 0.3))
+    assert torch.equal(m1.memory[0], centres[0])  # untouched cluster
+
+
+def test_momentum_one_is_frozen():
+    centres = _unit(4, 8, seed=8)
+    mem = ClusterMemory(centres, momentum=1.0)
+    mem.update(_unit(10, 8, seed=9), torch.randint(0, 4, (10,)))
+    assert torch.equal(mem.memory, centres)
+    # ... and the memory is a copy: the caller's centres are never modified.
+    mem2 = ClusterMemory(centres, momentum=0.1)
+    before = centres.clone()
+    mem2.update(_unit(10, 8, seed=9), torch.randint(0, 4, (10,)))
+    assert torch.equal(centres, before)
+
+
+def test_update_validation():
+    mem = ClusterMemory(_unit(3, 4), momentum=0.1)
+    with pytest.raises(ValueError):
+        mem.update(_unit(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError):
+        mem.update(_unit(2, 4), torch.tensor([0]))
+    mem.update(_unit(0, 4), torch.zeros(0, dtype=torch.long))  # empty batch: no-op
+    with pytest.raises(ValueError):
+        ClusterMemory(_unit(3, 4), momentum=1.5)
+
+
+def test_occurrence_rank():
+    y = torch.tensor([3, 1, 3, 3, 0, 1, 7])
+    assert _occurrence_rank(y).tolist() == [0, 0, 1, 2, 0, 1, 0]
+
+
+def test_distillation_loss():
+    s = _unit(5, 6, seed=10).requires_grad_(True)
+    t = _unit(5, 6, seed=11).requires_grad_(True)
+    loss = distillation_loss(s, t)
+    manual = sum(((s[i] - t[i]) ** 2).sum() for i in range(5)) / 5
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * (s - t).detach() / 5)
+    assert t.grad is None  # the teacher is never trained
+    # Unit vectors: |s - t|^2 = 2 - 2 cos.
+    cos = (s * t).sum(1).detach()
+    assert loss.item() == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-5)
+
+
+def test_purification_loss_weights():
+    assert view_weights(0.2) == pytest.approx({"global": 0.8, "upper": 0.2, "lower": 0.2})
+    ones = {v: torch.tensor(1.0) for v in VIEWS}
+    assert purification_loss(ones).item() == pytest.approx(1.2)  # weights sum to 1 + lambda2
+    ce = {"global": torch.tensor(2.0), "upper": torch.tensor(3.0), "lower": torch.tensor(5.0)}
+    d = {"global": torch.tensor(7.0), "upper": torch.tensor(11.0), "lower": torch.tensor(13.0)}
+    assert purification_loss(ce).item() == pytest.approx(0.8 * 2 + 0.2 * 3 + 0.2 * 5)
+    full = 0.8 * (2 + 0.5 * 7) + 0.2 * (3 + 0.5 * 11) + 0.2 * (5 + 0.5 * 13)
+    assert purification_loss(ce, d, mu=0.5).item() == pytest.approx(full)
+    assert purification_loss(ce, d, lambda2=0.3).item() == pytest.approx(0.7 * 9 + 0.3 * 14 + 0.3 * 18)
+    # mu = 0 is the teacher loss
+    assert purification_loss(ce, d, mu=0.0).item() == purification_loss(ce).item()
+    with pytest.raises(ValueError):
+        purification_loss({"global": torch.tensor(1.0)})
+
+
+def test_end_to_end_gradients_flow_to_features_only():
+    feats = {v: _unit(8, 4, seed=20 + i).requires_grad_(True) for i, v in enumerate(VIEWS)}
+    teacher = {v: _unit(8, 4, seed=30 + i) for i, v in enumerate(VIEWS)}
+    targets = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mems = {v: ClusterMemory(_unit(3, 4, seed=40 + i)) for i, v in enumerate(VIEWS)}
+    ce = {v: mems[v](feats[v], targets) for v in VIEWS}
+    dist = {v: distillation_loss(feats[v], teacher[v]) for v in VIEWS}
+    loss = purification_loss(ce, dist)
+    loss.backward()
+    assert all(feats[v].grad is not None and feats[v].grad.abs().sum() > 0 for v in VIEWS)
+    before = {v: mems[v].memory.clone() for v in VIEWS}
+    for v in VIEWS:
+        mems[v].update(feats[v], targets)  # takes grad-requiring tensors, updates without grad
+        assert not mems[v].memory.requires_grad
+        assert not torch.equal(mems[v].memory, before[v])

@@ -1,0 +1,22 @@
+# Stage 3: eval-mode features of every train image, three views, from the teacher (HDF5).
+
+
+rule extract_teacher_features:
+    input:
+        manifest=rules.prepare_dataset.output.manifest,
+        checkpoint=rules.train_teacher.output.model,
+    output:
+        features=out("teacher", "train_features.h5"),
+    params:
+        config=sections("data", "model"),
+    log:
+        log_path("extract_teacher_features"),
+    benchmark:
+        benchmark_path("extract_teacher_features")
+    threads: TRAIN_THREADS
+    resources:
+        mem_mb=mem_mb("extract_teacher_features"),
+        runtime=runtime("extract_teacher_features"),
+        gpu=TRAIN_GPUS,
+    script:
+        "../scripts/extract_teacher_features.py"

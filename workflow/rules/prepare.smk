@@ -1,0 +1,23 @@
+# Stage 1: the validated manifest of (split, path, pid, camid).
+#
+# No declared input: the synthetic set is generated here, and for a real dataset the folder
+# (or its archive, prepare.archive) is read at run time, so dry runs work without the data;
+# a missing dataset fails this job with the data layer's message saying where to put it.
+
+
+rule prepare_dataset:
+    output:
+        manifest=out("data", "manifest.csv"),
+        summary=out("data", "summary.json"),
+    params:
+        config=prepare_params(),
+    log:
+        log_path("prepare_dataset"),
+    benchmark:
+        benchmark_path("prepare_dataset")
+    threads: PREPARE_THREADS
+    resources:
+        mem_mb=mem_mb("prepare_dataset"),
+        runtime=runtime("prepare_dataset"),
+    script:
+        "../scripts/prepare_dataset.py"
