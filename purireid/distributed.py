@@ -7,6 +7,7 @@ environment variables such as SLURM_PROCID or RANK, which every SLURM job has.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,35 @@ class DistContext:
         dist.all_gather(gathered, padded)
         return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0)
 
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (so all ranks take the same branch)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean over ranks of each value (float64), the same on every rank."""
+        if not self.distributed or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+        DDP broadcasts them only at the start of a forward through the DDP wrapper; after the
+        last training step each rank holds the statistics of its own share of the batch, so
+        anything that uses the bare model afterwards (eval-mode extraction) syncs first.
+        """
+        if not self.distributed:
+            return
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
     def shard(self, n: int) -> range:
         """This rank's contiguous share of n items (rank order = item order)."""
         per_rank = -(-n // self.world_size)
@@ -76,6 +106,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (the SLURM/cgroup allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,6 +123,8 @@ def _free_port() -> int:
 def _worker(rank: int, world_size: int, device_name: str, port: int,
             fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     base = resolve_device(device_name)
+    # The processes share the job's cores: an equal share each avoids oversubscription.
+    torch.set_num_threads(max(1, usable_cpus() // world_size))
     if base.type == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -92,8 +132,6 @@ def _worker(rank: int, world_size: int, device_name: str, port: int,
     else:
         device = torch.device("cpu")
         backend = "gloo"
-        # Processes share the cores: one thread each avoids oversubscription.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
     try:
@@ -102,18 +140,64 @@ def _worker(rank: int, world_size: int, device_name: str, port: int,
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], *args: Any, world_size: int, device: str, **kwargs: Any) -> None:
-    """Run `fn(*args, ctx=DistContext, **kwargs)` in `world_size` processes (or in this one)."""
+def check_devices(world_size: int, device: str) -> torch.device:
+    """The base device for `world_size` processes; a clear error naming the config key otherwise."""
+    if world_size > 1 and device in ("auto", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"config key 'train.gpus' is {world_size} (one process per GPU) and 'device' is {device!r}, "
+            "but no CUDA device is visible to this job; request the GPUs for the rule (resources gpu / "
+            "SLURM --gpus), or set train.gpus: 1, or device: cpu to run the processes on the CPU (gloo)"
+        )
     base = resolve_device(device)
-    if world_size <= 1:
-        fn(*args, ctx=DistContext(0, 1, base), **kwargs)
-        return
-    if base.type == "cuda" and torch.cuda.device_count() < world_size:
+    if world_size > 1 and base.type == "cuda" and torch.cuda.device_count() < world_size:
         raise RuntimeError(
             f"config key 'train.gpus' asks for {world_size} GPUs but {torch.cuda.device_count()} are "
             "visible; request that many GPUs for the rule (resources gpu / SLURM gres) or lower train.gpus"
         )
+    return base
+
+
+def launch(fn: Callable[..., Any], *args: Any, world_size: int, device: str, **kwargs: Any) -> None:
+    """Run `fn(*args, ctx=DistContext, **kwargs)` in `world_size` processes (or in this one).
+
+    SIGTERM/SIGINT sent to this (parent) process alone -- SLURM, snakemake, a user -- is
+    forwarded to the children, whose training loop stops at the same step on every rank
+    with the last epoch's state kept; the parent waits for them and exits with status 143
+    (130 for SIGINT).
+    """
+    base = check_devices(world_size, device)
+    if world_size <= 1:
+        fn(*args, ctx=DistContext(0, 1, base), **kwargs)
+        return
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(world_size, device, _free_port(), fn, args, kwargs),
-                       nprocs=world_size, join=True, start_method="spawn")
+    context = mp.start_processes(_worker, args=(world_size, device, _free_port(), fn, args, kwargs),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for process in context.processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[signum] = signal.signal(signum, forward)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException:
+        if not received:
+            raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise SystemExit(130 if received[0] == signal.SIGINT else 143)

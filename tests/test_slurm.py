@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,12 +189,17 @@ def _slurm_jobs() -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(slurm_cluster, tmp_path_factory):
+def tiny_run(slurm_cluster):
     """The whole DAG of the tiny config through the SLURM profile, once."""
-    workdir = tmp_path_factory.mktemp("slurm_run")
+    # not under pytest's basetemp: other pytest sessions on a shared machine prune old
+    # basetemps, and the SLURM jobs of this one may still be writing there
+    workdir = Path(tempfile.mkdtemp(prefix="purireid-slurm-run-"))
     tic = time.monotonic()
-    output = _run(workdir, "--configfile", str(TINY))
-    return {"workdir": workdir, "output": output, "seconds": time.monotonic() - tic}
+    try:
+        output = _run(workdir, "--configfile", str(TINY))
+        yield {"workdir": workdir, "output": output, "seconds": time.monotonic() - tic}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_whole_dag_runs_on_slurm(tiny_run):
@@ -244,7 +250,7 @@ def test_cancelled_training_job_is_resubmitted_and_resumes(tiny_run, tmp_path):
     # longer epochs (as many, so as many clusterings as in the tiny run): a changed
     # param makes train_teacher rerun (from scratch: the finished run cleared its state), and
     # leaves time to catch the job between its first and its last epoch
-    overlay.write_text(f"train:\n  iters: {max(30, 10 * tiny['train']['iters'])}\n")
+    overlay.write_text(f"train:\n  iters: {max(10, 3 * tiny['train']['iters'])}\n")
     res = workdir / "results" / DATASET
     state_file = res / "teacher" / "state" / "state.pth"
     train_log = res / "logs" / "train_teacher.log"
@@ -255,11 +261,15 @@ def test_cancelled_training_job_is_resubmitted_and_resumes(tiny_run, tmp_path):
     out_path = tmp_path / "snakemake.out"
     with open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, env=_env(), cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
-        cancelled = None
+        cancelled, seen = None, []
         try:
             deadline = time.monotonic() + RUN_TIMEOUT
             while cancelled is None and proc.poll() is None and time.monotonic() < deadline:
-                running = [j for j in _slurm_jobs()
+                jobs = _slurm_jobs()
+                snapshot = (jobs, state_file.exists())
+                if not seen or seen[-1][1:] != snapshot:
+                    seen.append((round(time.monotonic() - deadline + RUN_TIMEOUT, 1), *snapshot))
+                running = [j for j in jobs
                            if j["comment"].startswith("rule_train_teacher") and j["state"] == "RUNNING"]
                 if running and state_file.exists():
                     cancelled = running[0]["id"]
@@ -273,8 +283,9 @@ def test_cancelled_training_job_is_resubmitted_and_resumes(tiny_run, tmp_path):
                 proc.wait()
     output = out_path.read_text()
     if cancelled is None:
-        pytest.fail("never saw a running train_teacher job with a saved epoch to cancel\n"
-                    + _diagnostics(workdir, output))
+        pytest.fail("never saw a running train_teacher job with a saved epoch to cancel; "
+                    "seen (seconds, squeue, state file exists):\n"
+                    + "\n".join(map(str, seen)) + "\n" + _diagnostics(workdir, output))
     if rc != 0:
         pytest.fail(f"snakemake did not recover from the cancelled job (rc {rc})\n"
                     + _diagnostics(workdir, output))

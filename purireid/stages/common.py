@@ -154,9 +154,15 @@ class GracefulTermination:
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.signum = signum
 
-    def check(self) -> None:
-        if self.signum is not None:
-            raise TerminationRequested(f"received {signal.Signals(self.signum).name}")
+    def check(self, ctx: Any = None) -> None:
+        """Raise TerminationRequested once a signal arrived; with a DistContext, on every rank
+        as soon as any rank received one (so no rank is left waiting in a collective)."""
+        requested = self.signum is not None
+        if ctx is not None:
+            requested = ctx.any_true(requested)
+        if requested:
+            name = signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+            raise TerminationRequested(f"received {name}")
 
     def __exit__(self, *exc: object) -> None:
         for signum, previous in self._previous.items():

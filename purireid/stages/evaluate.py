@@ -64,6 +64,8 @@ def ranked_list_picture(path: str | Path, data_root: str | Path, query: Sequence
         canvas.paste(framed(query[q], "black"), (gap, y))
         shown = 0
         for g in topk_indices[q]:
+            if g < 0:  # fewer valid gallery images than requested
+                break
             match = gallery[g].pid == query[q].pid
             if match and gallery[g].camid == query[q].camid:
                 continue  # not counted by the protocol
@@ -113,5 +115,6 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_js
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, checkpoint: str | Path, eval_json: str | Path,
         cmc_png: str | Path, ranked_png: str | Path) -> None:
+    # One process: the rule asks for one GPU (evaluation is a single pass over query + gallery).
     launch(_worker, dict(config), Path(manifest), Path(checkpoint), Path(eval_json), Path(cmc_png), Path(ranked_png),
-           world_size=config["train"]["gpus"], device=config["device"])
+           world_size=1, device=config["device"])

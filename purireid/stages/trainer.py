@@ -76,6 +76,7 @@ def cache_dir_for(manifest: str | Path) -> Path:
 def extract_records(model: torch.nn.Module, records: Sequence[Record], config: Mapping[str, Any],
                     ctx: DistContext, desc: str, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """Eval-mode features of `records`; under DDP each rank extracts a contiguous shard."""
+    ctx.broadcast_buffers(model)  # every rank uses rank 0's BN running statistics
     shard = ctx.shard(len(records))
     local = list(records[shard.start:shard.stop])
     data = config["data"]
@@ -279,7 +280,7 @@ def _train_epoch(net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
     tic = time.time()
     bar = tqdm(total=iters, desc=f"epoch {epoch}", unit="it", leave=False, mininterval=2.0, disable=not ctx.is_main)
     for images, indices in batches:
-        term.check()
+        term.check(ctx)  # every rank stops at the same step
         images = images.to(device, non_blocking=True)
         if device.type == "cuda" and tr["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -311,6 +312,7 @@ def _train_epoch(net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
         bar.update(1)
     bar.close()
     train_s = time.time() - tic
+    sums = ctx.all_reduce_mean(sums)  # each rank's losses are means over its share of the batch
 
     record: dict[str, Any] = {
         "epoch": epoch,

@@ -1,0 +1,92 @@
+"""Teacher training speed on this machine.
+
+1. Images/s of one teacher training step (forward three views, memory CE on all views,
+   backward, Adam step, memory update) for ResNet-18 and ResNet-50 at 256×128.
+2. Where an epoch's time goes (feature extraction, clustering, training), from a real teacher
+   epoch on the synthetic dataset.
+
+    python benchmarks/bench_training.py [--batch 32] [--steps 3] [--epoch-config config.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from purireid import VIEWS
+from purireid.losses import ClusterMemory, purification_loss
+from purireid.models import build_model
+
+
+def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(arch, "none").train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    num_clusters = 64
+    memories = {v: ClusterMemory(torch.nn.functional.normalize(torch.randn(num_clusters, model.feat_dim), dim=1))
+                for v in VIEWS}
+    images = torch.randn(batch, 3, height, width)
+    targets = torch.randint(0, num_clusters, (batch,))
+
+    def step() -> None:
+        out = model(images)
+        loss = purification_loss({v: memories[v](out[v], targets) for v in VIEWS})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for v in VIEWS:
+            memories[v].update(out[v].detach(), targets)
+
+    step()  # warm-up: allocator, kernels
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - tic)
+
+
+def epoch_breakdown(config_path: Path, epochs: int) -> list[dict]:
+    from purireid.config import load_config
+    from purireid.data import prepare_dataset
+    from purireid.stages import train_teacher
+
+    root = Path(tempfile.mkdtemp(prefix="bench_training_"))
+    config = load_config(config_path, overrides={"data_root": str(root / "data"), "device": "cpu",
+                                                 "train": {"epochs": epochs, "eval_every": 0}})
+    manifest = root / "data" / "manifest.csv"
+    prepare_dataset(config["dataset"], config["data_root"], manifest, root / "data" / "summary.json",
+                    synthetic=config["synthetic"], workers=2, progress=False)
+    out = root / "teacher"
+    train_teacher.run(config, manifest=manifest, model_out=out / "model.pth", log_jsonl=out / "log.jsonl",
+                      curve_png=out / "curve.png", state_dir=out / "state")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if isinstance(r.get("epoch"), int)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--epoch-config", type=Path, default=Path(__file__).resolve().parents[1] / "config.yaml")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU")
+    for arch in args.archs:
+        rate = step_images_per_s(arch, args.batch, args.steps, 256, 128)
+        print(f"teacher step {arch:9s} 256x128 batch {args.batch}: {rate:7.1f} images/s")
+    for r in epoch_breakdown(args.epoch_config, args.epochs):
+        total = r["extract_s"] + r["cluster_s"] + r["train_s"]
+        print(f"epoch {r['epoch']} ({args.epoch_config.name}): {total:6.1f} s = extraction "
+              f"{100 * r['extract_s'] / total:4.1f}% + clustering {100 * r['cluster_s'] / total:4.1f}% + "
+              f"training {100 * r['train_s'] / total:4.1f}%  ({r['images_per_s']} train images/s)")
+
+
+if __name__ == "__main__":
+    main()
