@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,13 @@ def _to_tensor(features: Any) -> torch.Tensor:
     if x.ndim != 2:
         raise ValueError(f"features must be 2-D [N, D], got shape {tuple(x.shape)}")
     return x.detach().to(torch.float32).contiguous()
+
+
+def _sq_norms(x: torch.Tensor) -> np.ndarray:
+    """Float64 squared norms of float32 rows (products exact in float64; numpy's einsum casts
+    in small buffers, ~10x faster than a float64 copy of x and no N x D temporary)."""
+    xn = x.detach().cpu().numpy()
+    return np.einsum("ij,ij->i", xn, xn, dtype=np.float64)
 
 
 def _grid_key(d64: np.ndarray) -> np.ndarray:
@@ -112,8 +119,12 @@ def _candidates_torch(
         use_bf16 = False  # cuBLAS may reduce bf16 in reduced precision: keep fp32, no TF32
     if use_bf16:
         xs = x.to(torch.bfloat16)
-        resid = (x - xs.float()).double().norm(dim=1)  # exact: Sterbenz subtraction
-        sn = torch.linalg.vector_norm(xs.float(), dim=1).double()
+        resid = torch.empty(n, dtype=torch.float64, device=device)
+        sn = torch.empty(n, dtype=torch.float64, device=device)
+        for s in range(0, n, _ROW_BLOCK):  # blocks: no N x D float32/float64 temporaries
+            xb, xsb = x[s : s + _ROW_BLOCK], xs[s : s + _ROW_BLOCK].float()
+            resid[s : s + _ROW_BLOCK] = torch.linalg.vector_norm(xb - xsb, dim=1, dtype=torch.float64)  # exact diff
+            sn[s : s + _ROW_BLOCK] = torch.linalg.vector_norm(xsb, dim=1, dtype=torch.float64)
         # |x_i.x_j - xs_i.xs_j| <= |xs_i||e_j| + |e_i||xs_j| + |e_i||e_j|, plus fp32 accumulation.
         err = sn * resid.max() + resid * sn.max() + resid * resid.max() + _gamma(dim) * sn * sn.max()
         out_round = 2.0**-8 * (1.0 + 2.0**-6)  # bf16 output: half-ulp <= 2**-8 |v|, with margin
@@ -124,6 +135,7 @@ def _candidates_torch(
         out_round = 0.0
     err = err + 1e-12
     near_idx = np.empty((n, n_near), dtype=np.int64)
+    near_val = np.empty((n, n_near), dtype=np.float32)  # the cheap dot products (for the bounds)
     near_thr = np.empty(n, dtype=np.float64)
     far_idx = np.empty((n, n_far), dtype=np.int64) if n_far else None
     far_thr = np.empty(n, dtype=np.float64) if n_far else None
@@ -141,6 +153,7 @@ def _candidates_torch(
             sim[rows, rows + s] = float("-inf")  # self is added separately, always first
             v, i = torch.topk(sim, n_near, dim=1, largest=True, sorted=False)
             near_idx[s:e] = i.cpu().numpy()
+            near_val[s:e] = v.float().cpu().numpy()
             near_thr[s:e] = v.min(dim=1).values.double().cpu().numpy()
             del sim, v, i
     finally:
@@ -153,11 +166,17 @@ def _candidates_torch(
     upper = None
     if n_far:
         upper = norms_np + norms_np.max() - 2.0 * (far_thr - out_round * np.abs(far_thr) - err_np)
-    return near_idx, lower, far_idx, upper
+    # Per-candidate interval of the exact float64 distance (same bound as above, per pair).
+    nv = near_val.astype(np.float64)
+    slack = out_round * np.abs(nv) + err_np[:, None]
+    base = norms_np[:, None] + norms_np[near_idx]
+    near_lo, near_hi = base - 2.0 * (nv + slack), base - 2.0 * (nv - slack)
+    return near_idx, lower, far_idx, upper, near_lo, near_hi
 
 
-def _candidates_faiss(x: torch.Tensor, n_near: int) -> tuple[np.ndarray, np.ndarray]:
-    """Near candidates from a faiss flat L2 index (fp32 GEMM inside), self removed."""
+def _candidates_faiss(x: torch.Tensor, n_near: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Near candidates from a faiss flat L2 index (fp32 GEMM inside), self removed, with the
+    certified lower bound for non-candidates and each candidate's distance interval."""
     import faiss
 
     xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
@@ -169,12 +188,14 @@ def _candidates_faiss(x: torch.Tensor, n_near: int) -> tuple[np.ndarray, np.ndar
     # Stable: keep the first n_near non-self columns (drop self, or the last when self is absent).
     order = np.argsort(is_self, axis=1, kind="stable")[:, :n_near]
     near_idx = np.take_along_axis(idx, order, axis=1).astype(np.int64)
+    near_d = np.take_along_axis(dist, order, axis=1).astype(np.float64)
     thr = dist[:, -1].astype(np.float64)  # every non-returned point has approx >= this
     norms = (xn.astype(np.float64) ** 2).sum(1)
     xnorm = np.sqrt(norms)
     # faiss: |x|^2 + |y|^2 - 2 x.y in fp32; bound the GEMM and the three-term sum generously.
     err = 2.0 * _gamma(dim) * xnorm * xnorm.max() + 8 * 2.0**-24 * (norms + norms.max() + 2 * xnorm * xnorm.max())
-    return near_idx, thr - err - 1e-12
+    err = err + 1e-12
+    return near_idx, thr - err, near_d - err[:, None], near_d + err[:, None]
 
 
 # ----------------------------------------------------------------------- exact keys
@@ -232,10 +253,10 @@ def _exact_lists(
     n_near = min(n - 1, length - 1 + _EXTRA_CANDIDATES)
     n_far = min(n, _FAR_CANDIDATES) if want_far else 0
     if backend == "faiss" and not want_far:
-        near, lower = _candidates_faiss(x, n_near)
+        near, lower, _, _ = _candidates_faiss(x, n_near)
         far = upper = None
     else:
-        near, lower, far, upper = _candidates_torch(x, x64, norms, n_near, n_far, use_bf16=(backend == "bf16"))
+        near, lower, far, upper, _, _ = _candidates_torch(x, x64, norms, n_near, n_far, use_bf16=(backend == "bf16"))
     if n_near == n - 1:
         lower = np.full(n, np.inf)  # every point is a candidate: nothing to certify
     cand = np.concatenate([np.arange(n, dtype=np.int64)[:, None], near], axis=1)
@@ -269,6 +290,137 @@ def _exact_lists(
 
 
 _exact_lists.last_fallback_rows = 0
+
+
+def _prefix_sets(
+    cand: np.ndarray, klo: np.ndarray, khi: np.ndarray, exact: np.ndarray, sizes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which candidates (non-self, one row per point) rank among the first p of their row, for
+    every p in `sizes`, by (key, index). klo/khi bound each key; `exact` holds the exact key
+    (NaN where unknown). Returns (tier [N, C]: number of prefixes a candidate is *not* in,
+    ok [N]: rows where every prefix was decided from the available information)."""
+    n, c = cand.shape
+    tier = np.zeros((n, c), dtype=np.int8)
+    ok = np.ones(n, dtype=bool)
+    known = ~np.isnan(exact)
+    lo = np.where(known, exact, klo)
+    hi = np.where(known, exact, khi)
+    slo, shi = np.sort(lo, axis=1), np.sort(hi, axis=1)
+    for p in sizes:
+        if p >= c:
+            continue  # every candidate is in (the fallback handles rows with too few candidates)
+        # IN: fewer than p candidates can precede it. OUT: p candidates surely precede it.
+        sure_in = hi < slo[:, p : p + 1]
+        sure_out = lo > shi[:, p - 1 : p]
+        amb = ~(sure_in | sure_out)
+        need = p - sure_in.sum(1)
+        ok &= ~np.any(amb & ~known, axis=1)
+        # Among the undecided, the `need` smallest by (exact key, index) are in.
+        kk = np.where(amb & known, exact, np.inf)
+        order = np.lexsort((cand, kk), axis=1)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(c)[None, :], axis=1)
+        inside = sure_in | (amb & (rank < need[:, None]))
+        tier += ~inside
+    return tier, ok
+
+
+def _pair_codes(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """Unordered pair code (the key of (i, j) equals that of (j, i))."""
+    return np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+
+
+def _keys_for_codes(x64: torch.Tensor, norms: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Exact keys of the sorted, unique unordered pair codes (one float64 dot per pair)."""
+    n = x64.shape[0]
+    a, b = np.divmod(codes, n)
+    indptr = np.searchsorted(a, np.arange(n + 1))
+    return _pair_keys(x64, norms, indptr, b)
+
+
+class _KeyTable:
+    """Exact keys computed so far, by unordered pair: each pair is re-scored at most once."""
+
+    def __init__(self, x64: torch.Tensor, norms: np.ndarray):
+        self.x64, self.norms, self.n = x64, norms, x64.shape[0]
+        self.codes = np.zeros(0, dtype=np.int64)
+        self.keys = np.zeros(0, dtype=np.float32)
+
+    def get(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        codes = _pair_codes(i, j, self.n)
+        pos = np.searchsorted(self.codes, codes)
+        pos_c = np.minimum(pos, len(self.codes) - 1)
+        hit = (pos < len(self.codes)) & (self.codes[pos_c] == codes) if len(self.codes) else np.zeros(len(codes), bool)
+        new = np.unique(codes[~hit])
+        if len(new):
+            new_keys = _keys_for_codes(self.x64, self.norms, new)
+            allc = np.concatenate([self.codes, new])
+            order = np.argsort(allc, kind="stable")
+            self.codes, self.keys = allc[order], np.concatenate([self.keys, new_keys])[order]
+            pos = np.searchsorted(self.codes, codes)
+        out = self.keys[pos]
+        out[i == j] = 0.0  # self distance: exactly 0, as in the dense reference
+        return out
+
+
+def _exact_prefix_lists(
+    x: torch.Tensor, length: int, sizes: Sequence[int], backend: str
+) -> tuple[np.ndarray, _KeyTable]:
+    """Neighbour lists of `length` entries (self first) that are exact as *sets* for every
+    prefix length in `sizes` (order inside a tier between consecutive sizes is unspecified),
+    which is all the Jaccard distance needs. Only candidates whose cheap-GEMM interval leaves
+    their membership undecided are re-scored exactly."""
+    n = x.shape[0]
+    backend = _resolve_backend(backend, x)
+    if backend == "torch" and not x.is_cuda and torch.cuda.is_available():
+        x = x.cuda()
+    norms = _sq_norms(x)
+    n_near = min(n - 1, length - 1 + _EXTRA_CANDIDATES)
+    if backend == "faiss":
+        near, lower, lo, hi = _candidates_faiss(x, n_near)
+    else:
+        near, lower, _, _, lo, hi = _candidates_torch(x, None, norms, n_near, 0, use_bf16=(backend == "bf16"))
+    x64 = x.double()  # after the search: the float64 copy is not alive during the big GEMM
+    table = _KeyTable(x64, norms)
+    if n_near == n - 1:
+        lower = np.full(n, np.inf)  # every point is a candidate: nothing to certify
+    # Key = rint(d * G) / G, so |key - d| <= 1/(2G): widen by one grid step.
+    klo, khi = np.maximum(lo, 0.0) - 1.0 / _GRID, hi + 1.0 / _GRID
+    del lo, hi
+    sizes = sorted(p for p in {min(p, length) - 1 for p in sizes} | {length - 1} if p >= 1)
+    exact = np.full(near.shape, np.nan)
+    _, ok = _prefix_sets(near, klo, khi, exact, sizes)
+    # Re-score exactly the candidates that are undecided for some prefix, then decide.
+    undecided = np.zeros(near.shape, dtype=bool)
+    known = np.zeros(near.shape, dtype=bool)
+    slo, shi = np.sort(klo, axis=1), np.sort(khi, axis=1)
+    for p in sizes:
+        if p < near.shape[1]:
+            undecided |= ~((khi < slo[:, p : p + 1]) | (klo > shi[:, p - 1 : p]))
+    del slo, shi
+    r, c = np.nonzero(undecided)
+    exact[r, c] = table.get(r, near[r, c])
+    tier, ok = _prefix_sets(near, klo, khi, exact, sizes)
+    # Certification: the (length-1)-th smallest upper bound must be below every non-candidate.
+    p = length - 1
+    hi_now = np.where(np.isnan(exact), khi, exact)
+    bound = np.partition(hi_now, p - 1, axis=1)[:, p - 1] if p >= 1 else np.full(n, -np.inf)
+    bad = ~ok | (bound >= lower - 2.0 / _GRID)
+    order = np.lexsort((near, tier), axis=1)[:, : length - 1]
+    idx = np.concatenate([np.arange(n, dtype=np.int64)[:, None], np.take_along_axis(near, order, 1)], axis=1)
+    bad_rows = np.flatnonzero(bad)
+    for s in range(0, len(bad_rows), 256):
+        rows = bad_rows[s : s + 256]
+        full = _full_rows(x64, norms, rows)
+        full[np.arange(len(rows)), rows] = -1.0
+        allc = np.broadcast_to(np.arange(n, dtype=np.int64), full.shape)
+        idx[rows] = _sort_lists(allc, full, length)[0]
+    _exact_lists.last_fallback_rows = len(bad_rows)
+    _exact_prefix_lists.last_rescored = len(table.codes)
+    return idx, table
+
+
+_exact_prefix_lists.last_rescored = 0
 
 
 def knn(features: Any, k: int, *, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -394,14 +546,93 @@ def _jaccard_rows(v: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     )
 
 
+def _jaccard_upper(
+    v: sp.csr_matrix, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Upper triangle (i <= j) of the Jaccard distance of `_jaccard_rows`: sorted pair codes
+    i*N + j and float32 distances of the pairs with d < 1 (diagonal: 0) that pass `keep`.
+
+    s_ij is symmetric and is summed over m in the same (ascending) order for (i, j) and
+    (j, i), so the lower triangle is the exact mirror: only triples with j >= i are visited.
+    """
+    n = v.shape[1]
+    v.sort_indices()
+    # CSC copy that remembers where each CSR entry went (rows ascending within a column).
+    where = sp.csr_matrix((np.arange(v.nnz, dtype=np.int64), v.indices, v.indptr), shape=v.shape).tocsc()
+    assert where.has_sorted_indices
+    vc = sp.csc_matrix((v.data[where.data], where.indices, where.indptr), shape=v.shape)
+    # For each entry (i, m) of V, column m's entries with row >= i start at (i, m) itself.
+    first = np.empty(v.nnz, dtype=np.int64)
+    first[where.data] = np.arange(v.nnz, dtype=np.int64)
+    del where
+    count = vc.indptr[v.indices.astype(np.int64) + 1] - first
+    per_row = np.add.reduceat(count, v.indptr[:-1]) if v.nnz else np.zeros(n, np.int64)
+    per_row = np.where(np.diff(v.indptr) > 0, per_row, 0)
+    out_codes, out_val = [], []
+    s = 0
+    while s < n:
+        cum = np.cumsum(per_row[s:])
+        e = s + max(1, int(np.searchsorted(cum, _TRIPLES_PER_BLOCK // 2, side="right")))
+        e = min(e, s + max(1, _BUFFER_PER_BLOCK // n), n)
+        b = e - s
+        lo, hi = v.indptr[s], v.indptr[e]
+        cl = count[lo:hi]
+        i_loc = np.repeat(np.arange(b), np.diff(v.indptr[s : e + 1]))
+        tpos = _ragged_arange(first[lo:hi], cl)
+        vals = np.minimum(np.repeat(v.data[lo:hi], cl), vc.data[tpos])
+        flat = np.repeat(i_loc * n, cl) + vc.indices[tpos]
+        del tpos
+        # Distinct (i, j) pairs via a boolean mark (cheap to scan), then sum into compact slots;
+        # bincount adds in order of appearance, i.e. m ascending, as in _jaccard_rows.
+        mark = np.zeros(b * n, dtype=bool)
+        mark[flat] = True
+        nz = np.flatnonzero(mark)
+        del mark
+        slot = np.empty(b * n, dtype=np.int32)
+        slot[nz] = np.arange(len(nz), dtype=np.int32)
+        sm = np.bincount(slot[flat], weights=vals, minlength=len(nz))
+        del slot, flat, vals
+        d = np.maximum(1.0 - sm / (2.0 - sm), 0.0).astype(np.float32)
+        codes = nz + s * n  # (s + r_loc) * n + j
+        d[codes // n == codes % n] = 0.0  # the diagonal: exactly 0 (s_ii = 1 up to rounding)
+        ok = d < 1.0
+        if keep is not None:
+            ok &= keep(codes, d)
+        out_codes.append(codes[ok])
+        out_val.append(d[ok])
+        s = e
+    return np.concatenate(out_codes), np.concatenate(out_val)
+
+
+def _mirror_csr(codes: np.ndarray, vals: np.ndarray, n: int) -> sp.csr_matrix:
+    """Full symmetric CSR (sorted indices) from upper-triangle codes i*N + j (i <= j)."""
+    i, j = np.divmod(codes, n)
+    off = i != j
+    rows = np.concatenate([i, j[off]])
+    cols = np.concatenate([j, i[off]])
+    data = np.concatenate([vals, vals[off]])
+    del i, j, off
+    m = sp.csr_matrix((data, (rows, cols)), shape=(n, n))  # COO -> CSR: O(nnz) bucketing by row
+    m.sort_indices()
+    return m
+
+
 def _v_matrix(
     x64: torch.Tensor, norms: np.ndarray, idx: np.ndarray, k1: int, k2: int, scale: np.ndarray | None = None,
     square: bool = False,
 ) -> sp.csr_matrix:
     """The (query-expanded) V matrix of SPEC §3.2 from exact neighbour lists."""
-    n = x64.shape[0]
     pattern = _expanded_sets(idx, k1)
     keys = _pair_keys(x64, norms, pattern.indptr.astype(np.int64), pattern.indices.astype(np.int64))
+    return _v_from_keys(pattern, keys, idx, k2, scale, square)
+
+
+def _v_from_keys(
+    pattern: sp.csr_matrix, keys: np.ndarray, idx: np.ndarray, k2: int, scale: np.ndarray | None = None,
+    square: bool = False,
+) -> sp.csr_matrix:
+    """V from the expanded-set pattern and the exact keys of its entries, query-expanded."""
+    n = pattern.shape[0]
     if square:
         keys = keys.astype(np.float64) ** 2
     v = _softmax_rows(pattern, keys, scale)
@@ -423,18 +654,42 @@ def jaccard_distance(
     Every pair with distance < 1 is stored (absent = 1); the diagonal zeros are explicit.
     `timings`, if given, accumulates seconds under "knn" and "jaccard".
     """
-    t0 = time.perf_counter()
     x = _to_tensor(features)
+    return _mirror_csr(*_jaccard_view(x, k1, k2, backend, timings), x.shape[0])
+
+
+def _jaccard_view(
+    x: torch.Tensor, k1: int, k2: int, backend: str, timings: dict | None,
+    keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Upper triangle of one view's Jaccard distance (see `_jaccard_upper`). Everything of
+    the view (candidates, exact keys, V) is freed on return: peak memory is one view's."""
+    t0 = time.perf_counter()
     n = x.shape[0]
     length = min(k1, n)  # the released code's kNN returns k1 columns: the cap of SPEC §3.2
-    idx, _, _, x64, norms = _exact_lists(x, length, backend)
+    half = int(np.around(k1 / 2))
+    # Only the sets of the first k2, half+1 and k1+1 entries matter (capped at the list length).
+    idx, table = _exact_prefix_lists(x, length, (k2, half + 1, k1 + 1), backend)
     t1 = time.perf_counter()
-    v = _v_matrix(x64, norms, idx, k1, k2)
-    out = _jaccard_rows(v, np.arange(n))
+    pattern = _expanded_sets(idx, k1)
+    rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
+    keys = table.get(rows, pattern.indices.astype(np.int64))  # candidates' keys are reused
+    del table, rows
+    v = _v_from_keys(pattern, keys, idx, k2)
+    del pattern, keys, idx
+    out = _jaccard_upper(v, keep)
     if timings is not None:
         timings["knn"] = timings.get("knn", 0.0) + t1 - t0
         timings["jaccard"] = timings.get("jaccard", 0.0) + time.perf_counter() - t1
     return out
+
+
+def _lookup(codes: np.ndarray, vals: np.ndarray, query: np.ndarray, default: float) -> np.ndarray:
+    """vals at the sorted `codes` matching `query`, `default` where absent."""
+    if len(codes) == 0:
+        return np.full(len(query), default, dtype=vals.dtype)
+    pos = np.minimum(np.searchsorted(codes, query), len(codes) - 1)
+    return np.where(codes[pos] == query, vals[pos], vals.dtype.type(default))
 
 
 # --------------------------------------------------------------------- pseudo labels
@@ -467,6 +722,43 @@ def _fuse(mats: Sequence[sp.csr_matrix], weights: Sequence[float]) -> sp.csr_mat
     return sp.csr_matrix((fused.astype(np.float32), union.indices, union.indptr), shape=union.shape)
 
 
+def _pseudo_labels_pruned(
+    feats: Sequence[Any], k1: int, k2: int, weights: Sequence[float], eps: float, min_samples: int,
+    backend: str, timings: dict | None,
+) -> np.ndarray:
+    """pseudo_labels when w0 * 1 > eps, keeping only pairs that can be DBSCAN neighbours.
+
+    Float32 sums of non-negative terms are monotone, so fused >= w0 * d0 (evaluated as in
+    the dense fusion). A pair with w0 * d0 > eps, or absent from view 0 (d0 = 1), is never
+    within eps: view 0 keeps only pairs with w0 * d0 <= eps, and views 1, 2 only those pairs.
+    Each view is reduced to its upper triangle before the next starts (one view's memory).
+    """
+    from sklearn.cluster import DBSCAN
+
+    xs = [_to_tensor(f) for f in feats]
+    n = xs[0].shape[0]
+    w0 = weights[0]
+    codes0, d0 = _jaccard_view(xs[0], k1, k2, backend, timings, keep=lambda c, d: w0 * d <= eps)
+
+    def in_view0(c: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return _lookup(codes0, np.ones(len(codes0), bool), c, False)
+
+    others = [_jaccard_view(x, k1, k2, backend, timings, keep=in_view0) for x in xs[1:]]
+    t0 = time.perf_counter()
+    fused = w0 * d0  # the dense evaluation order: ((w0*d0 + w1*d1) + w2*d2) in float32
+    for (codes, d), w in zip(others, weights[1:]):
+        fused = fused + w * _lookup(codes, d, codes0, 1.0)
+    keep = fused <= eps  # sklearn's radius test is <= eps, sparse or dense
+    # Every view stores its zero diagonal, so the fused diagonal is an explicit 0 (<= eps):
+    # a point is its own neighbour, as with a dense matrix (SPEC §3.4).
+    graph = _mirror_csr(codes0[keep], fused[keep], n)
+    del codes0, d0, others, fused
+    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+    if timings is not None:
+        timings["fuse_dbscan"] = timings.get("fuse_dbscan", 0.0) + time.perf_counter() - t0
+    return labels.astype(np.int64)
+
+
 def pseudo_labels(
     views: Mapping[str, Any] | Sequence[Any],
     *,
@@ -489,6 +781,9 @@ def pseudo_labels(
     if absent <= eps:
         # Pairs absent from every view (distance 1) would be DBSCAN neighbours: not sparse.
         raise ValueError(f"eps={eps} >= fused distance of unrelated pairs ({absent}); use eps < 1")
+    if weights[0] * np.ones(1, np.float32)[0] > eps:
+        labels = _pseudo_labels_pruned(feats, k1, k2, weights, eps, min_samples, backend, timings)
+        return labels
     mats = [jaccard_distance(f, k1, k2, backend=backend, timings=timings) for f in feats]
     t0 = time.perf_counter()
     n = mats[0].shape[0]

@@ -6,6 +6,7 @@ environment variables such as SLURM_PROCID or RANK, which every SLURM job has.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -120,8 +121,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, device_name: str, port: int,
+def _parent_logging() -> tuple[str | None, int] | None:
+    """(log file, level) of the parent's purireid logger, when setup_logging configured it."""
+    from purireid.log import LOGGER_NAME
+
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        return None
+    files = [h.baseFilename for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    return (files[0] if files else None, logger.level)
+
+
+def _worker(rank: int, world_size: int, device_name: str, port: int, log_setup: tuple[str | None, int] | None,
             fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    if log_setup is not None:  # spawned children start with bare logging: rank 0 logs like the parent
+        from purireid.log import setup_logging
+
+        log_file, level = log_setup
+        if rank == 0:
+            setup_logging(log_file, level)
+        else:
+            setup_logging(None, max(level, logging.WARNING))
     base = resolve_device(device_name)
     # The processes share the job's cores: an equal share each avoids oversubscription.
     torch.set_num_threads(max(1, usable_cpus() // world_size))
@@ -171,7 +191,7 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int, device: str, **k
         return
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_worker, args=(world_size, device, _free_port(), fn, args, kwargs),
+    context = mp.start_processes(_worker, args=(world_size, device, _free_port(), _parent_logging(), fn, args, kwargs),
                                  nprocs=world_size, join=False, start_method="spawn")
     received: list[int] = []
 
