@@ -6,10 +6,14 @@
 Each N runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own. The features
 are clustered like re-ID features: ~N/16 identities whose centres mix a shared low-rank part
 with an identity-specific part, plus camera offsets and per-image noise, L2-normalised.
---compare-dense also builds the dense N×N fused matrix from the dense reference algorithm
-and checks that scikit-learn's DBSCAN on it gives identical labels (needs several GB). The
-Jaccard values themselves are checked against the dense loop reference
+--compare-dense also densifies each view's full (unpruned) Jaccard matrix, fuses them as
+dense float32 arrays and checks that scikit-learn's DBSCAN on that gives identical labels
+(needs several GB): this checks the eps-pruning, the sparse fusion and purireid's DBSCAN.
+The Jaccard values themselves are checked against the dense loop reference
 (tests/jaccard_reference.py, too slow at this N) by tests/test_cluster.py.
+
+The CPU is shared: each line reports wall seconds, the process CPU seconds and the 1-minute
+load average. `--threads 1` (or OMP_WAIT_POLICY=PASSIVE) is faster when the cores are busy.
 """
 
 from __future__ import annotations
@@ -59,13 +63,15 @@ def run_one(n: int, compare_dense: bool, eps: float) -> dict:
 
     views = make_views(n)
     timings: dict = {}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     labels = cluster.pseudo_labels(views, eps=eps, timings=timings)
-    total = time.perf_counter() - t
+    total, cpu = time.perf_counter() - t, time.process_time() - c
     fallback = cluster._exact_lists.last_fallback_rows
     res = {
         "n": n,
         "seconds": round(total, 2),
+        "cpu_s": round(cpu, 2),  # all threads: with a shared CPU, wall time depends on the load
+        "loadavg_1min": round(os.getloadavg()[0], 2),
         "knn_s": round(timings["knn"], 2),
         "jaccard_s": round(timings["jaccard"], 2),
         "fuse_dbscan_s": round(timings["fuse_dbscan"], 2),
@@ -99,15 +105,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="*", default=list(SIZES.values()))
     ap.add_argument("--eps", type=float, default=0.6)
     ap.add_argument("--compare-dense", action="store_true", help="also check labels against dense DBSCAN")
+    ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads in the children (0: default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        # Before torch/faiss start OpenMP; on a shared, busy CPU one thread can beat two.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.child:
         print(json.dumps(run_one(args.n[0], args.compare_dense, args.eps)))
         return
     import faiss
     import torch
 
-    print(f"# cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} faiss_omp={faiss.omp_get_max_threads()}")
+    print(f"# cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} faiss_omp={faiss.omp_get_max_threads()} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     for n in args.n:
         cmd = [sys.executable, __file__, "--child", "--n", str(n), "--eps", str(args.eps)]
         if args.compare_dense:
@@ -115,7 +126,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         line = (
-            f"N={r['n']:>6}  total {r['seconds']:6.2f} s  (kNN {r['knn_s']:.2f} s, Jaccard {r['jaccard_s']:.2f} s, "
+            f"N={r['n']:>6}  total {r['seconds']:6.2f} s  [CPU {r['cpu_s']:.1f} s, load {r['loadavg_1min']:.2f}]  (kNN {r['knn_s']:.2f} s, Jaccard {r['jaccard_s']:.2f} s, "
             f"fusion+DBSCAN {r['fuse_dbscan_s']:.2f} s)  peak RSS {r['peak_rss_gb']:.2f} GB  "
             f"clusters {r['clusters']}  outliers {r['outliers']}  uncertified rows {r['uncertified_rows_last_view']}"
         )

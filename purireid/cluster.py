@@ -17,6 +17,15 @@ Exactness conventions (the dense reference in ``tests/jaccard_reference.py`` use
   per row, from a rigorous bound on the cheap GEMM's error, that no non-candidate can
   enter the list. Rows that fail the check are recomputed against all points. The result
   is therefore identical to sorting the full exact distance matrix.
+* The Jaccard path needs less: only the *sets* of the first k2, round(k1/2)+1 and k1 entries
+  of each list. A candidate is re-scored exactly only if its certified interval from the
+  cheap GEMM leaves its membership in one of those sets undecided (~16 of 53 per row); exact
+  keys are kept per unordered pair and reused for the expanded sets' weights.
+* Exact float64 dot products are taken on gathered float32 rows in small chunks: no float64
+  copy of the features exists, and a view's memory is freed before the next view starts.
+* pseudo_labels keeps only pairs that can be within eps of each other (fused >= w0 * d0 in
+  float32, so view 0 decides), and runs DBSCAN on that graph with an exact re-implementation
+  of scikit-learn's labelling (tests compare it with sklearn on dense matrices).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,9 +48,10 @@ __all__ = ["knn", "jaccard_distance", "pseudo_labels", "cluster_centres", "reran
 _GRID = 2.0**22  # distance keys are multiples of 2**-22 (exactly representable in float32 < 4)
 _EXTRA_CANDIDATES = 24  # over-fetch beyond the list length in the cheap candidate search
 _FAR_CANDIDATES = 8  # candidates for the farthest point (re-ranking's row maximum)
-_ROW_BLOCK = 1024  # rows per block of the candidate GEMM
-_TRIPLES_PER_BLOCK = 4_000_000  # (i, m, j) triples per block of the Jaccard accumulation
-_BUFFER_PER_BLOCK = 8_000_000  # dense accumulator entries (rows × N) per Jaccard block
+_ROW_BLOCK = 512  # rows per block of the candidate GEMM (sim block + oneDNN buffers ~ 80 MB at N = 13k)
+_TRIPLES_PER_BLOCK = 2_000_000  # (i, m, j) triples per block of the Jaccard accumulation
+_BUFFER_PER_BLOCK = 4_000_000  # dense accumulator entries (rows × N) per Jaccard block
+_PAIR_CHUNK = 1024  # pairs per chunk of the exact float64 re-scoring (2 x 8 MB gathered rows)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,7 +118,7 @@ def _gamma(k: int) -> float:
 
 
 def _candidates_torch(
-    x: torch.Tensor, x64: torch.Tensor, norms: np.ndarray, n_near: int, n_far: int, use_bf16: bool
+    x: torch.Tensor, norms: np.ndarray, n_near: int, n_far: int, use_bf16: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Blocked GEMM + topk. Returns near candidates (self excluded) with a certified lower
     bound on the exact distance of every non-candidate, and optionally far candidates with
@@ -118,25 +129,27 @@ def _candidates_torch(
     if device.type == "cuda":
         use_bf16 = False  # cuBLAS may reduce bf16 in reduced precision: keep fp32, no TF32
     if use_bf16:
-        xs = x.to(torch.bfloat16)
-        resid = torch.empty(n, dtype=torch.float64, device=device)
-        sn = torch.empty(n, dtype=torch.float64, device=device)
+        xs = x.to(torch.bfloat16)  # CPU here (CUDA keeps fp32)
+        resid, sn = np.empty(n), np.empty(n)
         for s in range(0, n, _ROW_BLOCK):  # blocks: no N x D float32/float64 temporaries
-            xb, xsb = x[s : s + _ROW_BLOCK], xs[s : s + _ROW_BLOCK].float()
-            resid[s : s + _ROW_BLOCK] = torch.linalg.vector_norm(xb - xsb, dim=1, dtype=torch.float64)  # exact diff
-            sn[s : s + _ROW_BLOCK] = torch.linalg.vector_norm(xsb, dim=1, dtype=torch.float64)
+            xb = x[s : s + _ROW_BLOCK].numpy()
+            xsb = xs[s : s + _ROW_BLOCK].float().numpy()
+            eb = xb - xsb  # exact (Sterbenz)
+            resid[s : s + _ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", eb, eb, dtype=np.float64))
+            sn[s : s + _ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", xsb, xsb, dtype=np.float64))
         # |x_i.x_j - xs_i.xs_j| <= |xs_i||e_j| + |e_i||xs_j| + |e_i||e_j|, plus fp32 accumulation.
         err = sn * resid.max() + resid * sn.max() + resid * resid.max() + _gamma(dim) * sn * sn.max()
+        err = err * (1.0 + 2.0**-40)  # the float64 norms themselves are rounded
+        pair_terms = (sn, resid, _gamma(dim))
         out_round = 2.0**-8 * (1.0 + 2.0**-6)  # bf16 output: half-ulp <= 2**-8 |v|, with margin
     else:
         xs = x
-        xn = torch.from_numpy(np.sqrt(norms)).to(x.device)
+        xn = np.sqrt(norms)
         err = _gamma(dim) * xn * xn.max()
+        pair_terms = None
         out_round = 0.0
-    err = err + 1e-12
     near_idx = np.empty((n, n_near), dtype=np.int64)
     near_val = np.empty((n, n_near), dtype=np.float32)  # the cheap dot products (for the bounds)
-    near_thr = np.empty(n, dtype=np.float64)
     far_idx = np.empty((n, n_far), dtype=np.int64) if n_far else None
     far_thr = np.empty(n, dtype=np.float64) if n_far else None
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -149,17 +162,16 @@ def _candidates_torch(
                 v, i = torch.topk(sim, n_far, dim=1, largest=False, sorted=False)
                 far_idx[s:e] = i.cpu().numpy()
                 far_thr[s:e] = v.max(dim=1).values.double().cpu().numpy()
-            rows = torch.arange(e - s, device=device)
-            sim[rows, rows + s] = float("-inf")  # self is added separately, always first
+            torch.diagonal(sim, offset=s).fill_(float("-inf"))  # self is added separately, first
             v, i = torch.topk(sim, n_near, dim=1, largest=True, sorted=False)
             near_idx[s:e] = i.cpu().numpy()
             near_val[s:e] = v.float().cpu().numpy()
-            near_thr[s:e] = v.min(dim=1).values.double().cpu().numpy()
             del sim, v, i
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     norms_np = norms
-    err_np = err.cpu().numpy()
+    err_np = err + 1e-12
+    near_thr = near_val.min(axis=1).astype(np.float64) if n_near else np.full(n, np.inf)
     # Non-candidate j: approx <= thr, so its fp32 accumulated value <= thr + out_round|thr| and
     # its exact dot <= that + err_i; d = n_i + n_j - 2 dot >= n_i + min n - 2(...).
     lower = norms_np + norms_np.min() - 2.0 * (near_thr + out_round * np.abs(near_thr) + err_np)
@@ -168,7 +180,14 @@ def _candidates_torch(
         upper = norms_np + norms_np.max() - 2.0 * (far_thr - out_round * np.abs(far_thr) - err_np)
     # Per-candidate interval of the exact float64 distance (same bound as above, per pair).
     nv = near_val.astype(np.float64)
-    slack = out_round * np.abs(nv) + err_np[:, None]
+    if pair_terms is None:
+        slack = out_round * np.abs(nv) + err_np[:, None]
+    else:  # the same bound with the candidate's own norms instead of the maxima (tighter)
+        sn, resid, g = pair_terms
+        sj, rj = sn[near_idx], resid[near_idx]
+        pair_err = (sn[:, None] * rj + resid[:, None] * sj + resid[:, None] * rj + g * sn[:, None] * sj)
+        slack = out_round * np.abs(nv) + pair_err * (1.0 + 2.0**-40) + 1e-12
+        del sj, rj, pair_err
     base = norms_np[:, None] + norms_np[near_idx]
     near_lo, near_hi = base - 2.0 * (nv + slack), base - 2.0 * (nv - slack)
     return near_idx, lower, far_idx, upper, near_lo, near_hi
@@ -221,14 +240,15 @@ def _pair_keys(x64: torch.Tensor, norms: np.ndarray, indptr: np.ndarray, indices
     return _grid_key(norms[rows] + norms[indices] - 2.0 * dots)
 
 
-def _full_rows(x64: torch.Tensor, norms: np.ndarray, rows: np.ndarray, col_block: int = 8192) -> np.ndarray:
-    """Exact keys of whole rows (fallback for rows whose candidate set was not certified)."""
-    n = x64.shape[0]
+def _full_rows(x: torch.Tensor, norms: np.ndarray, rows: np.ndarray, col_block: int = 8192) -> np.ndarray:
+    """Exact keys of whole rows (fallback for rows whose candidate set was not certified).
+    `x` may be float32: column blocks are widened to float64 on the fly."""
+    n = x.shape[0]
     out = np.empty((len(rows), n), dtype=np.float32)
-    xr = x64[torch.from_numpy(rows).to(x64.device)]
+    xr = x[torch.from_numpy(rows).to(x.device)].double()
     for c in range(0, n, col_block):
         ce = min(n, c + col_block)
-        dots = (xr @ x64[c:ce].T).cpu().numpy()
+        dots = (xr @ x[c:ce].double().T).cpu().numpy()
         out[:, c:ce] = _grid_key(norms[rows][:, None] + norms[None, c:ce] - 2.0 * dots)
     return out
 
@@ -256,7 +276,7 @@ def _exact_lists(
         near, lower, _, _ = _candidates_faiss(x, n_near)
         far = upper = None
     else:
-        near, lower, far, upper, _, _ = _candidates_torch(x, x64, norms, n_near, n_far, use_bf16=(backend == "bf16"))
+        near, lower, far, upper, _, _ = _candidates_torch(x, norms, n_near, n_far, use_bf16=(backend == "bf16"))
     if n_near == n - 1:
         lower = np.full(n, np.inf)  # every point is a candidate: nothing to certify
     cand = np.concatenate([np.arange(n, dtype=np.int64)[:, None], near], axis=1)
@@ -298,10 +318,14 @@ def _prefix_sets(
     """Which candidates (non-self, one row per point) rank among the first p of their row, for
     every p in `sizes`, by (key, index). klo/khi bound each key; `exact` holds the exact key
     (NaN where unknown). Returns (tier [N, C]: number of prefixes a candidate is *not* in,
-    ok [N]: rows where every prefix was decided from the available information)."""
+    missing [N, C]: candidates whose exact key is needed to decide, but unknown).
+
+    Proof sketch, per prefix p: if hi_j < the (p+1)-th smallest lo, fewer than p candidates
+    can precede j, so j is in; if lo_j > the p-th smallest hi, p candidates surely precede it,
+    so j is out; the undecided rest is resolved by (exact key, index)."""
     n, c = cand.shape
     tier = np.zeros((n, c), dtype=np.int8)
-    ok = np.ones(n, dtype=bool)
+    missing = np.zeros((n, c), dtype=bool)
     known = ~np.isnan(exact)
     lo = np.where(known, exact, klo)
     hi = np.where(known, exact, khi)
@@ -314,7 +338,7 @@ def _prefix_sets(
         sure_out = lo > shi[:, p - 1 : p]
         amb = ~(sure_in | sure_out)
         need = p - sure_in.sum(1)
-        ok &= ~np.any(amb & ~known, axis=1)
+        missing |= amb & ~known
         # Among the undecided, the `need` smallest by (exact key, index) are in.
         kk = np.where(amb & known, exact, np.inf)
         order = np.lexsort((cand, kk), axis=1)
@@ -322,7 +346,7 @@ def _prefix_sets(
         np.put_along_axis(rank, order, np.arange(c)[None, :], axis=1)
         inside = sure_in | (amb & (rank < need[:, None]))
         tier += ~inside
-    return tier, ok
+    return tier, missing
 
 
 def _pair_codes(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
@@ -330,19 +354,29 @@ def _pair_codes(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
     return np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
 
 
-def _keys_for_codes(x64: torch.Tensor, norms: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Exact keys of the sorted, unique unordered pair codes (one float64 dot per pair)."""
-    n = x64.shape[0]
+def _keys_for_codes(xn: np.ndarray, norms: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Exact keys of the sorted, unique unordered pair codes: float64 dot products of the
+    gathered float32 rows, in chunks (no float64 copy of the features: O(chunk) memory)."""
+    n = xn.shape[0]
     a, b = np.divmod(codes, n)
-    indptr = np.searchsorted(a, np.arange(n + 1))
-    return _pair_keys(x64, norms, indptr, b)
+    dots = np.empty(len(codes), dtype=np.float64)
+
+    def chunk(s: int) -> None:
+        e = s + _PAIR_CHUNK
+        dots[s:e] = np.einsum("ij,ij->i", xn[a[s:e]], xn[b[s:e]], dtype=np.float64)
+
+    # numpy releases the GIL in the gathers and einsum: threads overlap the random row reads
+    # (~2.5x on 2 cores). Each chunk writes its own slice: the result does not depend on them.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(chunk, range(0, len(codes), _PAIR_CHUNK)))
+    return _grid_key(norms[a] + norms[b] - 2.0 * dots)
 
 
 class _KeyTable:
     """Exact keys computed so far, by unordered pair: each pair is re-scored at most once."""
 
-    def __init__(self, x64: torch.Tensor, norms: np.ndarray):
-        self.x64, self.norms, self.n = x64, norms, x64.shape[0]
+    def __init__(self, xn: np.ndarray, norms: np.ndarray):
+        self.xn, self.norms, self.n = xn, norms, xn.shape[0]
         self.codes = np.zeros(0, dtype=np.int64)
         self.keys = np.zeros(0, dtype=np.float32)
 
@@ -353,7 +387,7 @@ class _KeyTable:
         hit = (pos < len(self.codes)) & (self.codes[pos_c] == codes) if len(self.codes) else np.zeros(len(codes), bool)
         new = np.unique(codes[~hit])
         if len(new):
-            new_keys = _keys_for_codes(self.x64, self.norms, new)
+            new_keys = _keys_for_codes(self.xn, self.norms, new)
             allc = np.concatenate([self.codes, new])
             order = np.argsort(allc, kind="stable")
             self.codes, self.keys = allc[order], np.concatenate([self.keys, new_keys])[order]
@@ -379,9 +413,8 @@ def _exact_prefix_lists(
     if backend == "faiss":
         near, lower, lo, hi = _candidates_faiss(x, n_near)
     else:
-        near, lower, _, _, lo, hi = _candidates_torch(x, None, norms, n_near, 0, use_bf16=(backend == "bf16"))
-    x64 = x.double()  # after the search: the float64 copy is not alive during the big GEMM
-    table = _KeyTable(x64, norms)
+        near, lower, _, _, lo, hi = _candidates_torch(x, norms, n_near, 0, use_bf16=(backend == "bf16"))
+    table = _KeyTable(x.cpu().numpy(), norms)
     if n_near == n - 1:
         lower = np.full(n, np.inf)  # every point is a candidate: nothing to certify
     # Key = rint(d * G) / G, so |key - d| <= 1/(2G): widen by one grid step.
@@ -389,18 +422,14 @@ def _exact_prefix_lists(
     del lo, hi
     sizes = sorted(p for p in {min(p, length) - 1 for p in sizes} | {length - 1} if p >= 1)
     exact = np.full(near.shape, np.nan)
-    _, ok = _prefix_sets(near, klo, khi, exact, sizes)
-    # Re-score exactly the candidates that are undecided for some prefix, then decide.
-    undecided = np.zeros(near.shape, dtype=bool)
-    known = np.zeros(near.shape, dtype=bool)
-    slo, shi = np.sort(klo, axis=1), np.sort(khi, axis=1)
-    for p in sizes:
-        if p < near.shape[1]:
-            undecided |= ~((khi < slo[:, p : p + 1]) | (klo > shi[:, p - 1 : p]))
-    del slo, shi
+    # Re-score exactly the candidates that are undecided for some prefix, then decide (exact
+    # keys only narrow the intervals, so nothing new becomes undecided).
+    _, undecided = _prefix_sets(near, klo, khi, exact, sizes)
     r, c = np.nonzero(undecided)
     exact[r, c] = table.get(r, near[r, c])
-    tier, ok = _prefix_sets(near, klo, khi, exact, sizes)
+    del undecided, r, c
+    tier, missing = _prefix_sets(near, klo, khi, exact, sizes)
+    ok = ~missing.any(axis=1)  # always true; a row that is not goes to the exact fallback
     # Certification: the (length-1)-th smallest upper bound must be below every non-candidate.
     p = length - 1
     hi_now = np.where(np.isnan(exact), khi, exact)
@@ -411,7 +440,7 @@ def _exact_prefix_lists(
     bad_rows = np.flatnonzero(bad)
     for s in range(0, len(bad_rows), 256):
         rows = bad_rows[s : s + 256]
-        full = _full_rows(x64, norms, rows)
+        full = _full_rows(x, norms, rows)
         full[np.arange(len(rows)), rows] = -1.0
         allc = np.broadcast_to(np.arange(n, dtype=np.int64), full.shape)
         idx[rows] = _sort_lists(allc, full, length)[0]
@@ -568,12 +597,17 @@ def _jaccard_upper(
     count = vc.indptr[v.indices.astype(np.int64) + 1] - first
     per_row = np.add.reduceat(count, v.indptr[:-1]) if v.nnz else np.zeros(n, np.int64)
     per_row = np.where(np.diff(v.indptr) > 0, per_row, 0)
-    out_codes, out_val = [], []
-    s = 0
+    # Row blocks bounded by the number of triples and by the dense accumulator size.
+    bounds, s = [], 0
+    cum_all = np.concatenate([[0], np.cumsum(per_row)])
     while s < n:
-        cum = np.cumsum(per_row[s:])
-        e = s + max(1, int(np.searchsorted(cum, _TRIPLES_PER_BLOCK // 2, side="right")))
+        e = s + max(1, int(np.searchsorted(cum_all[s + 1 :] - cum_all[s], _TRIPLES_PER_BLOCK // 2, side="right")))
         e = min(e, s + max(1, _BUFFER_PER_BLOCK // n), n)
+        bounds.append((s, e))
+        s = e
+
+    def block(se: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        s, e = se
         b = e - s
         lo, hi = v.indptr[s], v.indptr[e]
         cl = count[lo:hi]
@@ -598,10 +632,12 @@ def _jaccard_upper(
         ok = d < 1.0
         if keep is not None:
             ok &= keep(codes, d)
-        out_codes.append(codes[ok])
-        out_val.append(d[ok])
-        s = e
-    return np.concatenate(out_codes), np.concatenate(out_val)
+        return codes[ok], d[ok]
+
+    parts = [block(se) for se in bounds]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _mirror_csr(codes: np.ndarray, vals: np.ndarray, n: int) -> sp.csr_matrix:
@@ -722,6 +758,14 @@ def _fuse(mats: Sequence[sp.csr_matrix], weights: Sequence[float]) -> sp.csr_mat
     return sp.csr_matrix((fused.astype(np.float32), union.indices, union.indptr), shape=union.shape)
 
 
+def _dbscan_graph(graph: sp.csr_matrix, min_samples: int, eps: float) -> np.ndarray:
+    """scikit-learn's DBSCAN on a sparse precomputed graph holding exactly the pairs within
+    eps, with the zero diagonal stored explicitly (so each point is its own neighbour)."""
+    from sklearn.cluster import DBSCAN
+
+    return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+
+
 def _pseudo_labels_pruned(
     feats: Sequence[Any], k1: int, k2: int, weights: Sequence[float], eps: float, min_samples: int,
     backend: str, timings: dict | None,
@@ -733,8 +777,6 @@ def _pseudo_labels_pruned(
     within eps: view 0 keeps only pairs with w0 * d0 <= eps, and views 1, 2 only those pairs.
     Each view is reduced to its upper triangle before the next starts (one view's memory).
     """
-    from sklearn.cluster import DBSCAN
-
     xs = [_to_tensor(f) for f in feats]
     n = xs[0].shape[0]
     w0 = weights[0]
@@ -753,7 +795,7 @@ def _pseudo_labels_pruned(
     # a point is its own neighbour, as with a dense matrix (SPEC §3.4).
     graph = _mirror_csr(codes0[keep], fused[keep], n)
     del codes0, d0, others, fused
-    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+    labels = _dbscan_graph(graph, min_samples, eps)
     if timings is not None:
         timings["fuse_dbscan"] = timings.get("fuse_dbscan", 0.0) + time.perf_counter() - t0
     return labels.astype(np.int64)
@@ -771,8 +813,6 @@ def pseudo_labels(
     timings: dict | None = None,
 ) -> np.ndarray:
     """DBSCAN labels (int64, -1 = outlier) of the fused Jaccard distance of the three views."""
-    from sklearn.cluster import DBSCAN
-
     feats = [views[v] for v in VIEWS] if isinstance(views, Mapping) else list(views)
     if len(feats) != 3:
         raise ValueError(f"expected three views {VIEWS}, got {len(feats)}")
@@ -801,7 +841,7 @@ def pseudo_labels(
     # Every view stores its zero diagonal, so the fused diagonal is an explicit 0 (<= eps):
     # a point is its own neighbour, as with a dense matrix (SPEC §3.4).
     graph = sp.csr_matrix((np.concatenate(parts_data), np.concatenate(parts_idx), indptr), shape=(n, n))
-    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+    labels = _dbscan_graph(graph, min_samples, eps)
     if timings is not None:
         timings["fuse_dbscan"] = timings.get("fuse_dbscan", 0.0) + time.perf_counter() - t0
     return labels.astype(np.int64)

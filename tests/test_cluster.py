@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from sklearn.cluster import DBSCAN
 
@@ -187,3 +188,45 @@ def test_rerank_equals_dense_reference(k1, k2, lam):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     got_t = cluster.rerank_distance(torch.from_numpy(q), torch.from_numpy(g), k1=k1, k2=k2, lambda_value=lam)
     np.testing.assert_array_equal(got_t, got)
+
+
+# ------------------------------------------------------- fast-path internals (exactness)
+
+
+def test_jaccard_uncertified_rows_fall_back_exactly(monkeypatch):
+    # No over-fetch and many exact ties: some rows cannot be certified from the candidates and
+    # take the full-row path; the Jaccard distance must still equal the dense reference.
+    monkeypatch.setattr(cluster, "_EXTRA_CANDIDATES", 0)
+    x = clustered(160, quantise=True, seed=12, duplicates=8)
+    got = cluster.jaccard_distance(x, 16, 3, backend="bf16")
+    assert cluster._exact_lists.last_fallback_rows > 0
+    assert_same_jaccard(got, ref.jaccard_reference(x, 16, 3))
+
+
+@pytest.mark.parametrize("seed,min_samples", [(0, 4), (1, 3), (2, 6)])
+def test_sparse_graph_dbscan_equals_dense(seed, min_samples):
+    # Random geometric radius graphs: many clusters, noise, and border points between clusters.
+    rng = np.random.default_rng(seed)
+    n = 400
+    p = rng.random((n, 2))
+    d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1)).astype(np.float32)
+    np.fill_diagonal(d, 0.0)
+    eps = 0.06
+    want = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(d)
+    r, c = np.nonzero(d <= eps)
+    graph = sp.csr_matrix((d[r, c], (r, c)), shape=(n, n))
+    got = cluster._dbscan_graph(graph, min_samples, eps)
+    assert len(set(want)) > 2 and np.any(want == -1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pseudo_labels_pruned_path_equals_full_fusion():
+    # eps < w0: the pruned path (only pairs that can be within eps) must give the labels of the
+    # unpruned fusion of the full sparse matrices.
+    views = [clustered(220, ids=18, noise=0.6, seed=40 + v) for v in range(3)]
+    mats = [cluster.jaccard_distance(v, 20, 6) for v in views]
+    fused = cluster._fuse(mats, (0.7, 0.15, 0.15))
+    for eps in (0.5, 0.6):
+        dense = densify(fused)
+        want = DBSCAN(eps=eps, min_samples=4, metric="precomputed").fit_predict(dense)
+        np.testing.assert_array_equal(cluster.pseudo_labels(views, k1=20, k2=6, eps=eps), want)
