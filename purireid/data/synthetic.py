@@ -18,6 +18,7 @@ byte-identical for a seed whatever the order of generation.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -84,9 +85,17 @@ def _identities(rng: np.random.Generator, n: int, dup_prob: float = 0.35) -> lis
     return ids
 
 
-def _camera(rng: np.random.Generator) -> dict[str, Any]:
+# The scene colours cameras are pulled towards as camera_strength goes to 0.
+_NEUTRAL_WALL = np.array([128.0, 128.0, 128.0], np.float32)
+_NEUTRAL_FLOOR = _NEUTRAL_WALL * 0.7
+
+
+def _camera(rng: np.random.Generator, strength: float = 1.0) -> dict[str, Any]:
+    """One camera; `strength` scales its colour cast, gain, bias, gamma and background away
+    from a neutral camera (1 = the full differences, 0 = identical colour response and scene).
+    The draws are the same for every strength, so strength 1 is the original generator."""
     views = rng.dirichlet([1.0, 1.0, 1.0])
-    return {
+    cam = {
         "gain": rng.uniform(0.65, 1.35, 3), "bias": rng.uniform(-25, 25, 3),
         "gamma": float(rng.uniform(0.7, 1.45)), "blur": float(rng.uniform(0.0, 1.4)),
         "noise": float(rng.uniform(2, 9)), "quality": int(rng.integers(55, 95)),
@@ -94,6 +103,15 @@ def _camera(rng: np.random.Generator) -> dict[str, Any]:
         "horizon": float(rng.uniform(0.45, 0.8)), "texture": float(rng.uniform(0, 30)),
         "tex_freq": float(rng.uniform(0.1, 0.6)),
     }
+    if strength != 1.0:
+        s = float(strength)
+        cam["gain"] = 1.0 + s * (cam["gain"] - 1.0)
+        cam["bias"] = s * cam["bias"]
+        cam["gamma"] = float(1.0 + s * (cam["gamma"] - 1.0))
+        cam["wall"] = _NEUTRAL_WALL + s * (cam["wall"] - _NEUTRAL_WALL)
+        cam["floor"] = _NEUTRAL_FLOOR + s * (cam["floor"] - _NEUTRAL_FLOOR)
+        cam["texture"] = s * cam["texture"]
+    return cam
 
 
 def _render(rng: np.random.Generator, ident: dict[str, Any] | None, cam: dict[str, Any],
@@ -214,8 +232,14 @@ def _camera_split(rng: np.random.Generator, n_images: int, num_cameras: int, min
 
 def generate_synthetic(out_dir: str | Path, *, num_train_ids: int = 100, num_test_ids: int = 50,
                        images_per_id: int = 15, num_cameras: int = 6, height: int = 128,
-                       width: int = 64, seed: int = 0) -> dict[str, Any]:
+                       width: int = 64, seed: int = 0, camera_strength: float = 1.0,
+                       near_duplicate_rate: float = 0.35) -> dict[str, Any]:
     """Write the dataset to `out_dir` (bounding_box_train/, query/, bounding_box_test/, synthetic.json).
+
+    `camera_strength` scales the colour cast / gain / bias / gamma / background differences
+    between cameras (1 = full, 0 = none; blur, noise, JPEG quality and viewpoint mix always
+    differ); `near_duplicate_rate` is the probability that an identity shares its upper or
+    lower clothing (or both) with an earlier one. The defaults reproduce generator version 1.
 
     Built in a temporary sibling folder and renamed into place, so a killed run leaves no
     half-written dataset. Returns the summary also written to synthetic.json.
@@ -223,10 +247,15 @@ def generate_synthetic(out_dir: str | Path, *, num_train_ids: int = 100, num_tes
     out_dir = Path(out_dir)
     params = {"num_train_ids": num_train_ids, "num_test_ids": num_test_ids,
               "images_per_id": images_per_id, "num_cameras": num_cameras, "height": height,
-              "width": width, "seed": seed, "version": GENERATOR_VERSION}
+              "width": width, "seed": seed, "camera_strength": float(camera_strength),
+              "near_duplicate_rate": float(near_duplicate_rate), "version": GENERATOR_VERSION}
+    if camera_strength < 0:
+        raise ValueError(f"camera_strength must be >= 0, got {camera_strength}")
+    if not 0.0 <= near_duplicate_rate <= 1.0:
+        raise ValueError(f"near_duplicate_rate must lie in [0, 1], got {near_duplicate_rate}")
     rng = _rng(seed, 0)
-    cameras = [_camera(rng) for _ in range(num_cameras)]
-    people = _identities(rng, num_train_ids + num_test_ids)
+    cameras = [_camera(rng, camera_strength) for _ in range(num_cameras)]
+    people = _identities(rng, num_train_ids + num_test_ids, near_duplicate_rate)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -297,4 +326,10 @@ def synthetic_params_match(out_dir: str | Path, **params: Any) -> bool:
         stored = json.loads(meta.read_text())["params"]
     except (ValueError, KeyError):
         return False
-    return stored == {**params, "version": GENERATOR_VERSION}
+    # Parameters left out take generate_synthetic's defaults (as they did when generating).
+    defaults = {k: p.default for k, p in inspect.signature(generate_synthetic).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    expected = {**defaults, **params, "version": GENERATOR_VERSION}
+    for key in ("camera_strength", "near_duplicate_rate"):  # stored as floats
+        expected[key] = float(expected[key])
+    return stored == expected
