@@ -8,7 +8,7 @@ are clustered like re-ID features: ~N/16 identities whose centres mix a shared l
 with an identity-specific part, plus camera offsets and per-image noise, L2-normalised.
 --compare-dense also densifies each view's full (unpruned) Jaccard matrix, fuses them as
 dense float32 arrays and checks that scikit-learn's DBSCAN on that gives identical labels
-(needs several GB): this checks the eps-pruning, the sparse fusion and purireid's DBSCAN.
+(needs several GB): this checks the eps-pruning and the sparse fusion.
 The Jaccard values themselves are checked against the dense loop reference
 (tests/jaccard_reference.py, too slow at this N) by tests/test_cluster.py.
 

@@ -228,3 +228,18 @@ def test_killed_teacher_resumes_to_the_same_weights(dataset, tmp_path, sig):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
     log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == ["untrained", 0, 1, 2]
+
+
+def test_keep_best_outputs_the_best_evaluated_epoch(dataset, tmp_path):
+    """train.keep_best: the output is the epoch with the best test mAP, not the last one."""
+    config = tiny_config(dataset["config"]["data_root"], train={"epochs": 3, "iters": 2, "eval_every": 1,
+                                                                 "keep_best": True, "lr": 0.01})
+    paths = teacher_paths(tmp_path)
+    train_teacher.run(config, manifest=dataset["manifest"], **paths)
+    log = [json.loads(line) for line in paths["log_jsonl"].read_text().splitlines()]
+    evaluated = {r["epoch"]: r["mAP"] for r in log if isinstance(r["epoch"], int)}
+    model = load_model_checkpoint(paths["model_out"], torch.device("cpu"))
+    from purireid.stages.trainer import evaluate_model
+    got = evaluate_model(model, read_manifest(dataset["manifest"]), config, DistContext())["mAP"]
+    assert got == pytest.approx(max(evaluated.values()), abs=1e-6)
+    assert not (paths["state_dir"] / "best.pth").exists()
