@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from purireid import VIEWS
-from purireid.config import load_config
+from conftest import tiny_config as shared_tiny_config
+from purireid.config import deep_merge
 from purireid.data import TrainLoader, prepare_dataset, read_manifest
 from purireid.distributed import DistContext
 from purireid.features import FeatureFileMismatch, read_features_h5
@@ -29,12 +30,8 @@ from purireid.stages.common import GracefulTermination, load_model_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(data_root: Path, **overrides) -> dict:
-    base = {"data_root": str(data_root), "device": "cpu",
-            "train": {"epochs": 2, "iters": 2, "eval_every": 1}}
-    for key, value in overrides.items():
-        base.setdefault(key, {}).update(value) if isinstance(value, dict) else base.update({key: value})
-    return load_config(REPO / "config.yaml", REPO / "tests" / "configs" / "tiny.yaml", overrides=base)
+def tiny_config(data_root: Path, **sections) -> dict:
+    return shared_tiny_config(data_root, **deep_merge({"train": {"epochs": 2, "iters": 2, "eval_every": 1}}, sections))
 
 
 @pytest.fixture(scope="module")

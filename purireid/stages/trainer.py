@@ -31,7 +31,7 @@ from purireid.evaluation import evaluate_features
 from purireid.features import autocast_context, extract_features, image_list_digest
 from purireid.log import get_logger
 from purireid.losses import ClusterMemory, distillation_loss, purification_loss
-from purireid.models import build_model, set_bn_groups
+from purireid.models import build_model
 from purireid.stages.common import (
     GracefulTermination,
     TerminationRequested,
