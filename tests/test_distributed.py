@@ -23,9 +23,8 @@ import torch
 import yaml
 
 from purireid import VIEWS
-from conftest import tiny_config as shared_tiny_config
+from conftest import prepare_tiny_dataset, tiny_config as shared_tiny_config
 from purireid.config import deep_merge
-from purireid.data import prepare_dataset
 from purireid.distributed import DistContext, launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,12 +93,7 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("ddp")
-    config = tiny_config(root / "data")
-    manifest = root / "results" / "data" / "manifest.csv"
-    prepare_dataset("synthetic", config["data_root"], manifest, manifest.with_name("summary.json"),
-                    synthetic=config["synthetic"], workers=1)
-    return {"root": root, "data_root": root / "data", "manifest": manifest}
+    return prepare_tiny_dataset(tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from purireid import VIEWS
-from conftest import tiny_config as shared_tiny_config
+from conftest import prepare_tiny_dataset, tiny_config as shared_tiny_config
 from purireid.config import deep_merge
-from purireid.data import TrainLoader, prepare_dataset, read_manifest
+from purireid.data import TrainLoader, read_manifest
 from purireid.distributed import DistContext
 from purireid.features import FeatureFileMismatch, read_features_h5
 from purireid.io import sha256_file
@@ -36,12 +36,8 @@ def tiny_config(data_root: Path, **sections) -> dict:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("stages")
-    config = tiny_config(root / "data")
-    manifest = root / "results" / "data" / "manifest.csv"
-    prepare_dataset("synthetic", config["data_root"], manifest, manifest.with_name("summary.json"),
-                    synthetic=config["synthetic"], workers=1)
-    return {"root": root, "config": config, "manifest": manifest}
+    prepared = prepare_tiny_dataset(tmp_path_factory.mktemp("stages"))
+    return {**prepared, "config": tiny_config(prepared["data_root"])}
 
 
 def teacher_paths(base: Path) -> dict:
