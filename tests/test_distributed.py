@@ -27,7 +27,6 @@ from conftest import prepare_tiny_dataset, tiny_config as shared_tiny_config
 from purireid.config import deep_merge
 from purireid.distributed import DistContext, launch
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
 
 # 2 epochs x 2 steps of a global batch of 8 (2 pseudo-ids x 4 images); no periodic evaluation.

@@ -27,7 +27,6 @@ from purireid.stages import evaluate, extract_features, train_student, train_tea
 from purireid.stages.trainer import DegenerateClustering, TeacherGuidance, _train_epoch, check_clusters
 from purireid.stages.common import GracefulTermination, load_model_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(data_root: Path, **sections) -> dict:
