@@ -12,7 +12,6 @@ resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -333,6 +332,4 @@ def _train_epoch(net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
              epoch, num_clusters, record["outliers"],
              "n/a" if record["purity"] is None else f"{record['purity']:.3f}",
              record["loss"], record["lr"], record["seconds"], record["images_per_s"])
-    if not math.isfinite(record["loss"]):
-        raise FloatingPointError(f"epoch {epoch}: non-finite loss")
     return record
