@@ -1,19 +1,27 @@
-"""Benchmark: one epoch's pseudo-labelling (three 2048-d views, fused, DBSCAN).
+"""Benchmark: one epoch's pseudo-labelling (three 2048-d views, Jaccard, fusion, DBSCAN).
 
-    .venv/bin/python benchmarks/bench_pseudo_labels.py            # N = 12936 and 32621
-    .venv/bin/python benchmarks/bench_pseudo_labels.py --n 12936 --compare-dense
+    .venv/bin/python benchmarks/bench_pseudo_labels.py --n 12936 --released        # vs the dense approach
+    .venv/bin/python benchmarks/bench_pseudo_labels.py --n 32621 --eps 0.7
+    .venv/bin/python benchmarks/bench_pseudo_labels.py --n 12936 --backends auto bf16 torch faiss
+    .venv/bin/python benchmarks/bench_pseudo_labels.py --n 12936 --check-dense     # exact pruning
 
-Each N runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own. The features
-are clustered like re-ID features: ~N/16 identities whose centres mix a shared low-rank part
-with an identity-specific part, plus camera offsets and per-image noise, L2-normalised.
---compare-dense also densifies each view's full (unpruned) Jaccard matrix, fuses them as
-dense float32 arrays and checks that scikit-learn's DBSCAN on that gives identical labels
-(needs several GB): this checks the eps-pruning and the sparse fusion.
-The Jaccard values themselves are checked against the dense loop reference
-(tests/jaccard_reference.py, too slow at this N) by tests/test_cluster.py.
+Every run is a fresh subprocess, so that its time includes what a training epoch pays (the
+kNN backend calibration of `auto`, first-call JIT) and its peak RSS (ru_maxrss) is its own.
+The features are clustered like re-ID features: ~N/16 identities whose centres mix a shared
+low-rank part with an identity-specific part, plus camera offsets and per-image noise,
+L2-normalised.
 
-The CPU is shared: each line reports wall seconds, the process CPU seconds and the 1-minute
-load average. `--threads 1` (or OMP_WAIT_POLICY=PASSIVE) is faster when the cores are busy.
+--released runs `released_pseudo_labels` below: our own dense re-implementation of the
+authors' approach (faiss kNN, dense N×N V and Jaccard matrices filled row by row, dense
+fusion, scikit-learn DBSCAN on the dense matrix), in the same invocation, and prints the
+speed-up and whether its labels equal ours (its float32 2 - 2·x·y distances differ from our
+exact keys in the last bits, so equality is expected, not guaranteed). --check-dense densifies
+our own per-view Jaccard matrices, fuses them densely and checks that DBSCAN gives our labels
+(this checks the exact pruning of purireid.cluster.fuse_views; needs ~4·N²·4 bytes). The
+Jaccard values themselves are checked against the dense loop reference by tests/test_jaccard.py.
+
+The CPU may be shared: each line gives wall and process CPU seconds and the 1-minute load
+average before and after; --wait-load L waits (up to 15 min) for the load to drop to L first.
 """
 
 from __future__ import annotations
@@ -21,14 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 SIZES = {"market1501": 12936, "msmt17": 32621}
+K1, K2, LAMBDA1, MIN_SAMPLES = 30, 6, 0.15, 4
 
 
 def make_views(n: int, dim: int = 2048, seed: int = 0, ids_per: int = 16, block: int = 1024) -> list[np.ndarray]:
@@ -56,83 +68,175 @@ def make_views(n: int, dim: int = 2048, seed: int = 0, ids_per: int = 16, block:
     return views
 
 
-def run_one(n: int, compare_dense: bool, eps: float) -> dict:
+# ------------------------------------------------------- the released approach, densely
+
+
+def _reciprocal_sets(rank: np.ndarray, k: int) -> list[np.ndarray]:
+    """R(i, k) per row: the first k+1 entries of i's list (capped at the list width) whose own
+    first k+1 entries contain i."""
+    out = []
+    for i in range(rank.shape[0]):
+        forward = rank[i, : k + 1]
+        out.append(forward[(rank[forward, : k + 1] == i).any(axis=1)])
+    return out
+
+
+def released_jaccard(x: np.ndarray, k1: int = K1, k2: int = K2) -> np.ndarray:
+    """Dense float32 [N, N] k-reciprocal Jaccard distance computed the way the authors' code
+    does it (SPEC §3.2): a faiss search for k1 columns, then dense V, query expansion and
+    Jaccard matrices filled row by row, distances 2 - 2·x·y in float32."""
+    import faiss
+
+    n = x.shape[0]
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    rank = index.search(x, k1)[1]
+    r_k1, r_half = _reciprocal_sets(rank, k1), _reciprocal_sets(rank, int(np.around(k1 / 2)))
+    v = np.zeros((n, n), dtype=np.float32)
+    for i in range(n):
+        members = [r_k1[i]]
+        for c in r_k1[i]:
+            if len(np.intersect1d(r_half[c], r_k1[i])) > 2 / 3 * len(r_half[c]):
+                members.append(r_half[c])
+        members = np.unique(np.concatenate(members))
+        dist = 2 - 2 * (x[members] @ x[i])  # numpy, not per-row torch calls: no thread wake-ups
+        w = np.exp(-(dist - dist.min()))
+        v[i, members] = w / w.sum()
+    if k2 != 1:
+        expanded = np.empty_like(v)
+        for i in range(n):
+            expanded[i] = v[rank[i, :k2]].mean(axis=0)
+        v = expanded
+        del expanded
+    rows, cols = np.nonzero(v)  # inverted index: for each column m, the rows with V[., m] != 0
+    order = np.argsort(cols, kind="stable")
+    by_col = np.split(rows[order], np.cumsum(np.bincount(cols, minlength=n))[:-1])
+    del rows, cols, order
+    jac = np.empty((n, n), dtype=np.float32)
+    for i in range(n):
+        acc = np.zeros(n, dtype=np.float32)
+        for m in np.flatnonzero(v[i]):
+            js = by_col[m]
+            acc[js] += np.minimum(v[i, m], v[js, m])
+        jac[i] = 1 - acc / (2 - acc)
+    np.maximum(jac, 0, out=jac)
+    return jac
+
+
+def released_pseudo_labels(views: list[np.ndarray], eps: float) -> np.ndarray:
+    from sklearn.cluster import DBSCAN
+
+    fused = None
+    for x, w in zip(views, (1 - 2 * LAMBDA1, LAMBDA1, LAMBDA1)):
+        term = w * released_jaccard(x)
+        fused = term if fused is None else fused + term
+        del term
+    return DBSCAN(eps=eps, min_samples=MIN_SAMPLES, metric="precomputed").fit_predict(fused)
+
+
+def dense_check_labels(views: list[np.ndarray], eps: float) -> np.ndarray:
+    """DBSCAN on the dense fusion of our own (unpruned) per-view Jaccard matrices."""
+    from sklearn.cluster import DBSCAN
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from jaccard_reference import densify
+
+    from purireid.jaccard import jaccard_distance
+
+    fused = None
+    for x, w in zip(views, (1 - 2 * LAMBDA1, LAMBDA1, LAMBDA1)):
+        term = w * densify(jaccard_distance(x, K1, K2))
+        fused = term if fused is None else fused + term
+        del term
+    return DBSCAN(eps=eps, min_samples=MIN_SAMPLES, metric="precomputed").fit_predict(fused)
+
+
+# ------------------------------------------------------------------------- harness
+
+
+def run_child(mode: str, n: int, eps: float, backend: str, labels_out: str) -> dict:
     import torch
 
-    from purireid import cluster
-
     views = make_views(n)
-    timings: dict = {}
+    stats: dict = {}
+    load0 = os.getloadavg()[0]
     t, c = time.perf_counter(), time.process_time()
-    labels = cluster.pseudo_labels(views, eps=eps, timings=timings)
-    total, cpu = time.perf_counter() - t, time.process_time() - c
-    fallback = cluster._exact_lists.last_fallback_rows
-    res = {
-        "n": n,
-        "seconds": round(total, 2),
-        "cpu_s": round(cpu, 2),  # all threads: with a shared CPU, wall time depends on the load
-        "loadavg_1min": round(os.getloadavg()[0], 2),
-        "knn_s": round(timings["knn"], 2),
-        "jaccard_s": round(timings["jaccard"], 2),
-        "fuse_dbscan_s": round(timings["fuse_dbscan"], 2),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "clusters": int(labels.max() + 1),
-        "outliers": int((labels < 0).sum()),
-        "torch_threads": torch.get_num_threads(),
-        "uncertified_rows_last_view": int(fallback),
-    }
-    if compare_dense:
-        from sklearn.cluster import DBSCAN
+    if mode == "ours":
+        from purireid.cluster import pseudo_labels
 
-        mats = [cluster.jaccard_distance(v) for v in views]
-        dg, du, dl = (_densify(m) for m in mats)
-        dense = (1 - 2 * 0.15) * dg + 0.15 * du + 0.15 * dl  # SPEC §3.3 on dense float32 arrays
-        del dg, du, dl, mats
-        ref = DBSCAN(eps=eps, min_samples=4, metric="precomputed").fit_predict(dense)
-        res["labels_equal_dense_dbscan"] = bool(np.array_equal(ref, labels))
+        labels = pseudo_labels(views, k1=K1, k2=K2, lambda1=LAMBDA1, eps=eps, min_samples=MIN_SAMPLES,
+                               backend=backend, stats=stats)
+    elif mode == "released":
+        labels = released_pseudo_labels(views, eps)
+    else:
+        labels = dense_check_labels(views, eps)
+    total, cpu = time.perf_counter() - t, time.process_time() - c
+    np.save(labels_out, labels)
+    res = {"mode": mode, "n": n, "eps": eps, "seconds": round(total, 2), "cpu_s": round(cpu, 2),
+           "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
+           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+           "clusters": int(labels.max() + 1), "outliers": int((labels < 0).sum()),
+           "torch_threads": torch.get_num_threads()}
+    if mode == "ours":
+        from purireid.neighbours import resolve_backend
+
+        res["backend"] = backend if backend != "auto" else "auto=" + resolve_backend("auto", torch.zeros(1, 2048))
+        res.update({k: round(v, 2) if isinstance(v, float) else int(v) for k, v in stats.items()})
     return res
 
 
-def _densify(m) -> np.ndarray:
-    d = np.ones(m.shape, dtype=np.float32)
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    d[rows, m.indices] = m.data
-    return d
+def wait_for_load(limit: float | None) -> None:
+    deadline = time.time() + 900
+    while limit is not None and os.getloadavg()[0] > limit and time.time() < deadline:
+        time.sleep(10)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*", default=list(SIZES.values()))
     ap.add_argument("--eps", type=float, default=0.6)
-    ap.add_argument("--compare-dense", action="store_true", help="also check labels against dense DBSCAN")
+    ap.add_argument("--backends", nargs="*", default=["auto"], help="kNN backends to time (auto, bf16, torch, faiss)")
+    ap.add_argument("--released", action="store_true", help="also time the dense re-implementation of the authors' code")
+    ap.add_argument("--check-dense", action="store_true", help="also check labels against DBSCAN on our dense fusion")
     ap.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads in the children (0: default)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--wait-load", type=float, default=None, help="wait for this 1-min load before each run")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "BACKEND", "LABELS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
-        # Before torch/faiss start OpenMP; on a shared, busy CPU one thread can beat two.
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch/faiss start OpenMP
     if args.child:
-        print(json.dumps(run_one(args.n[0], args.compare_dense, args.eps)))
+        mode, backend, labels_out = args.child
+        print(json.dumps(run_child(mode, args.n[0], args.eps, backend, labels_out)))
         return
-    import faiss
-    import torch
-
-    print(f"# cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} faiss_omp={faiss.omp_get_max_threads()} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
-    for n in args.n:
-        cmd = [sys.executable, __file__, "--child", "--n", str(n), "--eps", str(args.eps)]
-        if args.compare_dense:
-            cmd.append("--compare-dense")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        line = (
-            f"N={r['n']:>6}  total {r['seconds']:6.2f} s  [CPU {r['cpu_s']:.1f} s, load {r['loadavg_1min']:.2f}]  (kNN {r['knn_s']:.2f} s, Jaccard {r['jaccard_s']:.2f} s, "
-            f"fusion+DBSCAN {r['fuse_dbscan_s']:.2f} s)  peak RSS {r['peak_rss_gb']:.2f} GB  "
-            f"clusters {r['clusters']}  outliers {r['outliers']}  uncertified rows {r['uncertified_rows_last_view']}"
-        )
-        if "labels_equal_dense_dbscan" in r:
-            line += f"  labels == dense DBSCAN: {r['labels_equal_dense_dbscan']}"
-        print(line, flush=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    print(f"# CPU {cpu!r}, {os.cpu_count()} cpus, k1 {K1} k2 {K2} lambda1 {LAMBDA1} min_samples {MIN_SAMPLES}, "
+          f"eps {args.eps}", flush=True)
+    runs = [("ours", b) for b in args.backends]
+    runs += [("released", "-")] * args.released + [("dense-check", "-")] * args.check_dense
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.n:
+            results = []
+            for mode, backend in runs:
+                wait_for_load(args.wait_load)
+                out = str(Path(tmp) / f"{n}_{mode}_{backend}.npy")
+                cmd = [sys.executable, __file__, "--n", str(n), "--eps", str(args.eps), "--child", mode, backend, out]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                r["labels"] = np.load(out)
+                results.append(r)
+                line = (f"N={n:>6} eps {args.eps}  {mode:<11} {r.get('backend', ''):<10} {r['seconds']:7.2f} s  "
+                        f"[CPU {r['cpu_s']:.1f} s, load {r['load_before']:.2f} -> {r['load_after']:.2f}]  "
+                        f"peak RSS {r['peak_rss_gb']:.2f} GB  clusters {r['clusters']}  outliers {r['outliers']}")
+                if mode == "ours":
+                    line += (f"  (kNN {r['knn_s']:.2f} s, Jaccard+fusion {r['jaccard_s']:.2f} s, DBSCAN {r['dbscan_s']:.2f} s;"
+                             f" uncertified rows {r['uncertified_rows']}, fused pairs {r['fused_pairs']})")
+                if results[0] is not r:
+                    line += f"  labels == first run: {np.array_equal(r['labels'], results[0]['labels'])}"
+                print(line, flush=True)
+            for r in results:
+                if r["mode"] == "released":
+                    print(f"N={n:>6} speed-up of {results[0].get('backend')} over the released approach: "
+                          f"{r['seconds'] / results[0]['seconds']:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Dense, loop-based reference of SPEC §3.2 (tests only; small N).
+"""Dense, loop-based references of SPEC §3.2-3.3 and the test data of the clustering tests.
 
-Written straight from the spec, row by row like the released code, with the same exactness
-conventions as purireid.cluster: distance key = float64 squared Euclidean of the float32
-inputs, clipped at 0, rounded to the 2**-22 grid; lists = self first, then by (key, index);
-V, query expansion and Jaccard in float64, final distances float32.
+Tests and benchmarks only (small N). Written straight from the spec, row by row like the
+released code, with the same exactness conventions as purireid.neighbours: distance key =
+float64 squared Euclidean of the float32 inputs, clipped at 0, rounded to the 2**-22 grid;
+lists = self first, then by (key, index); V, query expansion and Jaccard in float64, final
+distances float32. `densify` turns the sparse results into the dense form compared here;
+`clustered` makes small clustered feature sets (optionally with ties and duplicates).
 """
 
 from __future__ import annotations
@@ -11,6 +13,35 @@ from __future__ import annotations
 import numpy as np
 
 GRID = 2.0**22
+
+
+def densify(m) -> np.ndarray:
+    """Dense float32 array of a sparse distance matrix whose absent entries mean distance 1."""
+    m = m.tocsr()
+    d = np.ones(m.shape, dtype=np.float32)
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    d[rows, m.indices] = m.data
+    return d
+
+
+def clustered(n: int, dim: int = 32, ids: int | None = None, noise: float = 0.5, seed: int = 0,
+              duplicates: int = 0, quantise: bool = False) -> np.ndarray:
+    """n unit vectors around ~n/8 random centres; `quantise` rounds the coordinates first (many
+    exactly tied distances), `duplicates` copies that many random rows over others."""
+    rng = np.random.default_rng(seed)
+    ids = ids or max(2, n // 8)
+    centres = rng.standard_normal((ids, dim))
+    x = centres[rng.integers(0, ids, n)] + noise * rng.standard_normal((n, dim))
+    if quantise:
+        x = np.round(x)
+        x[np.all(x == 0, axis=1), 0] = 1.0
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float32)
+    if duplicates:
+        src = rng.integers(0, n, duplicates)
+        dst = rng.choice(n, duplicates, replace=False)
+        x[dst] = x[src]
+    return x
 
 
 def dense_keys(x: np.ndarray) -> np.ndarray:
