@@ -3,3 +3,12 @@
 __version__ = "0.1.0"
 
 VIEWS: tuple[str, str, str] = ("global", "upper", "lower")
+
+
+def __getattr__(name: str):
+    # `purireid.FeatureExtractor` without importing torch on `import purireid`.
+    if name == "FeatureExtractor":
+        from purireid.api import FeatureExtractor
+
+        return FeatureExtractor
+    raise AttributeError(f"module 'purireid' has no attribute {name!r}")

@@ -1,0 +1,304 @@
+"""The `purireid` command: extract, search, export, doctor (argparse; the work is in purireid.api,
+purireid.search, purireid.export and purireid.doctor).
+
+Exit status: 0 success, 1 failure (bad input named with its fix, a failed parity check, doctor
+findings), 2 usage errors (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EPILOG = "Every subcommand has its own --help. README.md, section 'Using a trained model', shows them in use."
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from purireid.api import FeatureExtractor, collect_images, write_feature_file
+
+    images = collect_images(args.images, root=args.root, split=args.split)
+    fx = FeatureExtractor(args.checkpoint, device=args.device, views=args.views, batch_size=args.batch_size,
+                          workers=args.workers, cpu_fast_path=False if args.no_fold else None)
+    height, width = fx.input_size
+    _say(f"extract: {len(images)} images, {fx.checkpoint.arch} at {height}x{width} on {fx.device}, "
+         f"views {', '.join(fx.views)}")
+    start = time.perf_counter()
+    result = fx.extract(images, skip_unreadable=args.skip_unreadable,
+                        on_skip=lambda path, why: logging.getLogger("purireid.extract").warning(
+                            "skipped unreadable image %s (%s)", path, why))
+    seconds = time.perf_counter() - start
+    if not result.paths:
+        _say(f"extract: error: none of the {len(images)} images could be read; nothing written")
+        return 1
+    write_feature_file(args.out, result, fx.checkpoint)
+    skipped = f", {len(result.skipped)} unreadable skipped (listed in the file's /skipped)" if result.skipped else ""
+    _say(f"extract: wrote {len(result.paths)} x {fx.feat_dim}-d features to {args.out} "
+         f"({len(result.paths) / max(seconds, 1e-9):.1f} images/s){skipped}")
+    return 0
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features, paths, source)
+    from purireid.api import FeatureExtractor, InputError, check_same_model, collect_images, read_feature_file
+
+    sources = args.query
+    if len(sources) == 1 and Path(sources[0]).suffix.lower() in (".h5", ".hdf5"):
+        query = read_feature_file(sources[0])
+        check_same_model(query, gallery)
+        return query.features["global"] if "global" in query.features else None, query.paths, str(query.path)
+    checkpoint = args.checkpoint or gallery.checkpoint_path
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise InputError(f"query images need the model that made {gallery.path}: its checkpoint "
+                         f"{gallery.checkpoint_path or '(not recorded)'} is not there; give it with --checkpoint FILE")
+    fx = FeatureExtractor(checkpoint, device=args.device, views="global")
+    check_same_model(fx.checkpoint, gallery)
+    images = collect_images(sources)
+    result = fx.extract(images, skip_unreadable=args.skip_unreadable,
+                        on_skip=lambda path, why: logging.getLogger("purireid.search").warning(
+                            "skipped unreadable query image %s (%s)", path, why))
+    return result.features["global"], result.paths, "images"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from purireid.api import InputError, read_feature_file, resolve_device
+    from purireid.search import (exact_search, market_identities, protocol_metrics, ranked_lists, rerank_search,
+                                 write_ranked_html, write_ranked_json)
+
+    if args.topk < 1:
+        raise InputError(f"--topk must be >= 1, got {args.topk}")
+    gallery = read_feature_file(args.gallery)
+    if "global" not in gallery.features:
+        raise InputError(f"{gallery.path} holds no global-view features (views: {', '.join(gallery.features)}); "
+                         "extract it again with --views global or all")
+    query, query_paths, source = _query_features(args, gallery)
+    if query is None or len(query) == 0:
+        raise InputError(f"no query features in {source}")
+    g, g_paths = gallery.features["global"], gallery.paths
+    q_ids, g_ids = market_identities(query_paths), market_identities(g_paths)
+    junk_dropped = 0
+    if q_ids is not None and g_ids is not None and (g_ids[0] == -1).any():
+        # The evaluation protocol: junk (pid -1) never enters the gallery. Dropped before the
+        # search, as the evaluate stage's dataset loader does, so that re-ranking, whose
+        # neighbourhoods span the gallery, sees the same gallery too.
+        keep = g_ids[0] != -1
+        junk_dropped = int((~keep).sum())
+        g, g_paths = g[keep], [p for p, k in zip(g_paths, keep) if k]
+        g_ids = (g_ids[0][keep], g_ids[1][keep])
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    reranked = None
+    if args.rerank:
+        result, reranked = rerank_search(query, g, args.topk)
+    else:
+        result = exact_search(query, g, args.topk, backend=args.backend, device=device)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    ranked = ranked_lists(result, query_paths, g_paths, q_ids, g_ids)
+    meta = {"gallery": str(gallery.path), "query": source, "checkpoint_sha256": gallery.checkpoint_sha256,
+            "input_size": list(gallery.input_size), "topk": args.topk, "rerank": bool(args.rerank),
+            "distance": "k-reciprocal re-ranked" if args.rerank else "squared Euclidean (exact)",
+            "junk_dropped": junk_dropped}
+    metrics_line = ""
+    if q_ids is not None and g_ids is not None:
+        try:
+            metrics = protocol_metrics(query, g, q_ids, g_ids, max_rank=args.max_rank, reranked=reranked)
+        except ValueError as exc:  # e.g. no query has a true match
+            _say(f"search: identities known from the file names, but no metrics: {exc}")
+        else:
+            cmc = np.asarray(metrics["cmc"])
+            ranks = [r for r in (1, 5, 10, 20) if r <= len(cmc)]
+            meta["metrics"] = {"mAP": float(metrics["mAP"]),
+                               **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
+                               "num_valid_queries": int(metrics["num_valid_queries"]),
+                               "scale": "fractions (1.0 = 100 %)",
+                               "protocol": "Market-1501 (SPEC §8): same identity and camera ignored, junk left out"}
+            if "mINP" in metrics:
+                meta["metrics"]["mINP"] = float(metrics["mINP"])
+            metrics_line = ("mAP {:.2%}".format(metrics["mAP"])
+                            + "".join(f"  Rank-{r} {cmc[r - 1]:.2%}" for r in ranks)
+                            + (f"  mINP {metrics['mINP']:.2%}" if "mINP" in metrics else "")
+                            + f"  ({metrics['num_valid_queries']} queries with a true match)")
+    write_ranked_json(out / "ranked.json", ranked, meta)
+    summary = f"{len(query_paths)} queries over {len(g_paths)} gallery images; " + (metrics_line or
+              "identities unknown (file names not Market-style), no metrics")
+    write_ranked_html(out / "index.html", ranked, title=f"purireid search: {gallery.path.name}", summary=summary)
+    if junk_dropped:
+        _say(f"search: {junk_dropped} junk gallery images (pid -1) left out, as the evaluation protocol does")
+    _say(f"search: {len(query_paths)} queries x {len(g_paths)} gallery, top {args.topk} in {seconds:.3f} s"
+         + (" (re-ranked)" if args.rerank else ""))
+    if metrics_line:
+        _say(f"search: {metrics_line}")
+    _say(f"search: wrote {out / 'ranked.json'} and {out / 'index.html'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from purireid.export import export_model
+
+    report = export_model(args.checkpoint, args.out, fmt=args.format, views=args.views, opset=args.opset,
+                          tolerance=args.tolerance)
+    height, width = report.input_size
+    opset = f", opset {report.opset}" if report.opset else ""
+    _say(f"export: {report.format}{opset}, input float32 [batch, 3, {height}, {width}] (dynamic batch), "
+         f"outputs {', '.join(report.views)}")
+    _say(f"export: parity with PyTorch: max abs diff {report.max_abs_diff:.3g} (tolerance {report.tolerance:g})")
+    _say(f"export: wrote {report.path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from purireid.doctor import doctor_checks, format_check, load_doctor_config
+
+    config, source = load_doctor_config(args.config)
+    _say(f"purireid doctor — config: {source}")
+    failures, section = [], None
+    for check in doctor_checks(config, run=not args.skip_run):
+        if check.section != section:
+            section = check.section
+            _say(f"\n{section}")
+        _say(format_check(check))
+        if check.status == "fail":
+            failures.append(check)
+    if failures:
+        _say(f"\ndoctor: {len(failures)} problem(s) for this config on this machine: "
+             + "; ".join(f.name for f in failures))
+        return 1
+    _say("\ndoctor: this machine can run this config")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from purireid import __version__
+
+    parser = argparse.ArgumentParser(prog="purireid", description="Use a trained purireid model: features of "
+                                     "your own images, gallery search, export, and a check of this machine.",
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"purireid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("extract", formatter_class=_Formatter, help="features of images into an HDF5 file",
+                       description="L2-normalised features of images, written atomically into an HDF5 file with "
+                       "the image paths, the checkpoint's sha256 and the input size.\n\n"
+                       "  purireid extract results/market1501/student/model.pth photos/ --out gallery.h5")
+    p.add_argument("checkpoint", help="model.pth written by the train_teacher / train_student rule")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or manifests "
+                   "(one path a line, or a CSV with a 'path' column such as purireid's manifest.csv)")
+    p.add_argument("--out", required=True, help="the HDF5 file to write")
+    p.add_argument("--root", help="folder that relative paths in a manifest start from (default: the manifest's folder)")
+    p.add_argument("--split", help="with a CSV manifest that has a 'split' column: only this split (e.g. query)")
+    p.add_argument("--views", default="global", choices=["global", "all"], help="the global view (used for "
+                   "retrieval) or all three views")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the checkpoint's "
+                   "data.test_batch_size, else 64)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out with a warning "
+                   "(default: stop, naming the image)")
+    p.add_argument("--no-fold", action="store_true", help="on the CPU, run ResNet-50 as the evaluate stage does "
+                   "(by default its BatchNorm is folded into the convolutions and it runs channels_last: "
+                   "faster, features equal up to float rounding)")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("search", formatter_class=_Formatter, help="rank a gallery for query images",
+                       description="Exact k nearest gallery images of each query (squared Euclidean distance of "
+                       "the global features), optionally k-reciprocal re-ranked. Writes DIR/ranked.json and "
+                       "DIR/index.html; with Market-style file names (0002_c1s1_000451_03.jpg) it also prints "
+                       "mAP and Rank-k under the evaluate stage's protocol.\n\n"
+                       "  purireid search --gallery gallery.h5 --query query.h5 --out ranked/")
+    p.add_argument("--gallery", required=True, help="feature file of `purireid extract`")
+    p.add_argument("--query", required=True, nargs="+", help="a feature file of `purireid extract` from the "
+                   "same checkpoint, or query images / folders / manifests (then extracted with --checkpoint)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--topk", type=int, default=10, help="gallery images listed per query")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3); "
+                   "builds the whole query x gallery matrix")
+    p.add_argument("--checkpoint", help="for query images: the checkpoint (default: the one recorded in the gallery file)")
+    p.add_argument("--backend", default="auto", choices=["auto", "bf16", "faiss", "torch"],
+                   help="candidate scan of the exact search (results are identical): bf16 on CPUs with bf16 "
+                   "units, faiss flat L2 (CPU, or GPU with faiss-gpu), float32 torch (CPU or CUDA)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu, cuda or cuda:N")
+    p.add_argument("--max-rank", type=int, default=50, help="CMC length for the metrics")
+    p.add_argument("--skip-unreadable", action="store_true", help="for query images: leave unreadable ones out")
+    p.set_defaults(func=cmd_search)
+
+    from purireid.export import DEFAULT_TOLERANCE, ONNX_OPSET
+
+    p = sub.add_parser("export", formatter_class=_Formatter, help="export to ONNX or TorchScript",
+                       description="Export the model's inference path: input float32 [batch, 3, H, W] RGB, "
+                       "ImageNet-normalised, H x W the checkpoint's input size, dynamic batch; output the "
+                       "L2-normalised global feature (or all three views). The file is written only if the "
+                       "exported model matches PyTorch on a test batch within --tolerance.\n\n"
+                       "  purireid export results/market1501/student/model.pth --format onnx --out student.onnx")
+    p.add_argument("checkpoint", help="model.pth written by the train_teacher / train_student rule")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--views", default="global", choices=["global", "all"])
+    p.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="largest allowed absolute difference of the normalised features")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("doctor", formatter_class=_Formatter, help="check this machine against a config",
+                       description="What this machine offers the pipeline (torch, CUDA, GPUs, bf16, faiss, "
+                       "NCCL/gloo), what the config needs (device, ImageNet weights, dataset), and a few "
+                       "seconds of the real thing on every device. Exit status 1 when something the config "
+                       "needs is missing.\n\n  purireid doctor --config config/presets/market1501.yaml")
+    p.add_argument("--config", help="config file merged over the embedded default config.yaml (as "
+                   "snakemake --configfile); relative paths in it are taken from the current folder")
+    p.add_argument("--skip-run", action="store_true", help="only the checks, no train step nor kNN on the devices")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from purireid.api import InputError
+    from purireid.config import ConfigError
+    from purireid.log import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, ConfigError) as exc:
+        print(f"purireid {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - known failure kinds without a traceback
+        from purireid.export import ParityError
+
+        if isinstance(exc, ParityError):
+            print(f"purireid {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

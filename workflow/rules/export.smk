@@ -1,0 +1,27 @@
+# Opt-in last stage: the evaluated student as a deployable ONNX / TorchScript file.
+# On with config key export.enabled (then part of the default target), or ask for the file:
+#   snakemake --profile profiles/default results/synthetic/student/model.onnx
+
+
+rule export_student:
+    """Export the evaluated student (input float32 [batch, 3, H, W], dynamic batch; output the
+    L2-normalised global feature) and check parity with PyTorch (purireid.export)."""
+    input:
+        checkpoint=out("student", "model.pth"),
+        # After evaluation: the DAG ends in a file whose accuracy eval.json states.
+        eval_json=out("student", "eval.json"),
+    output:
+        model=EXPORTED_STUDENT,
+    params:
+        config=params_of("export_student"),
+    log:
+        log_path("export_student"),
+    benchmark:
+        benchmark_path("export_student")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=15,
+        gpu=0,
+    script:
+        "../scripts/export_model.py"
