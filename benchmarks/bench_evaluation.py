@@ -14,7 +14,8 @@ Every measurement runs in a fresh subprocess so that its memory figures are its 
 Cases:
   rank       evaluate_rank on a precomputed float32 distance matrix (the metric only)
   reference  per-query loop: argsort + scikit-learn's average_precision_score, as the
-             released code does (Market size only)
+             released code does (Market size only; tests/evaluation_reference.py, shared
+             with tests/test_evaluation.py)
   features   evaluate_features from the features (chunked matmul + metric, topk=10)
 """
 
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from pathlib import Path
 
 import numpy as np
 
@@ -69,26 +72,6 @@ def distmat(qf: np.ndarray, gf: np.ndarray) -> np.ndarray:
     return d.add_((q * q).sum(1, keepdim=True)).numpy()
 
 
-def reference_eval(d, qp, gp, qc, gc, max_rank=50):
-    """Per-query loop with scikit-learn's AP, the released code's way (Market protocol)."""
-    from sklearn.metrics import average_precision_score
-
-    aps, cmc, n = [], np.zeros(max_rank), 0
-    for i in range(d.shape[0]):
-        order = np.argsort(d[i], kind="stable")
-        match = gp[order] == qp[i]
-        valid = ~(match & (gc[order] == qc[i])) & (gp[order] != -1)
-        y = match[valid]
-        if not y.any():
-            continue
-        aps.append(average_precision_score(y, -d[i][order][valid]))
-        first = int(np.flatnonzero(y)[0])
-        if first < max_rank:
-            cmc[first:] += 1
-        n += 1
-    return {"mAP": float(np.mean(aps)), "cmc": cmc / n, "num_valid_queries": n}
-
-
 def current_rss_gb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
@@ -117,11 +100,14 @@ class RssSampler:
 def run_case(size: str, case: str, mode: str) -> dict:
     from purireid.evaluation import evaluate_features, evaluate_rank
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from evaluation_reference import sklearn_reference
+
     qf, gf, qp, gp, qc, gc = make_data(size, mode)
     if case in ("rank", "reference"):
         d = distmat(qf, gf)
         del qf, gf
-        fn, args = (evaluate_rank if case == "rank" else reference_eval), (d, qp, gp, qc, gc)
+        fn, args = (evaluate_rank if case == "rank" else sklearn_reference), (d, qp, gp, qc, gc)
         kwargs = {}
     else:
         fn, args = evaluate_features, (qf, gf, qp, gp, qc, gc)
@@ -140,6 +126,7 @@ def run_case(size: str, case: str, mode: str) -> dict:
         "rss_before_gb": before,  # inputs in memory
         "eval_peak_gb": rss.peak,  # highest RSS during the call
         "mAP": res["mAP"],
+        "mINP": res["mINP"],
         "cmc": [float(x) for x in res["cmc"]],
         "num_valid_queries": res["num_valid_queries"],
     }
@@ -177,16 +164,17 @@ def main() -> None:
                 print(
                     f"{tag} {c:9s}: {r['seconds']:7.2f} s  RSS during call {r['eval_peak_gb']:5.2f} GB "
                     f"(inputs {r['rss_before_gb']:5.2f} GB, +{r['eval_peak_gb'] - r['rss_before_gb']:.2f})  "
-                    f"mAP {r['mAP']:.6f}  R1 {r['cmc'][0]:.6f}  "
+                    f"mAP {r['mAP']:.6f}  mINP {r['mINP']:.6f}  R1 {r['cmc'][0]:.6f}  "
                     f"valid queries {r['num_valid_queries']}"
                 )
             if "reference" in res:
                 a, b = res["rank"], res["reference"]
                 dmap = abs(a["mAP"] - b["mAP"])
+                dinp = abs(a["mINP"] - b["mINP"])
                 dcmc = float(np.max(np.abs(np.array(a["cmc"]) - np.array(b["cmc"]))))
                 print(
                     f"{tag} speed-up evaluate_rank vs per-query sklearn loop: "
-                    f"{b['seconds'] / a['seconds']:.1f}x  |dmAP| {dmap:.2e}  max|dCMC| {dcmc:.2e}"
+                    f"{b['seconds'] / a['seconds']:.1f}x  |dmAP| {dmap:.2e}  |dmINP| {dinp:.2e}  max|dCMC| {dcmc:.2e}"
                 )
             a, f = res["rank"], res["features"]
             print(

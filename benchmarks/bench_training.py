@@ -1,7 +1,7 @@
 """Teacher training speed on this machine.
 
-1. Images/s of one teacher training step (forward three views, memory CE on all views,
-   backward, Adam step, memory update) for ResNet-18 and ResNet-50 at 256×128.
+1. Images/s of the trainer's step (purireid.stages.trainer.train_one_epoch: forward three views,
+   memory CE on all views, backward, Adam step, memory update) for ResNet-18 and ResNet-50 at 256×128.
 2. Where an epoch's time goes (feature extraction, clustering, training), from a real teacher
    epoch on the synthetic dataset.
 
@@ -20,50 +20,45 @@ from pathlib import Path
 import torch
 
 from purireid import VIEWS
-from purireid.losses import ClusterMemory, purification_loss
+from purireid.distributed import DistContext
+from purireid.losses import ClusterMemory
 from purireid.models import build_model
+from purireid.stages.trainer import train_one_epoch
 
 
 def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int) -> float:
+    """The trainer's own step (purireid.stages.trainer.train_one_epoch) on random images."""
     torch.manual_seed(0)
     model = build_model(arch, "none").train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     num_clusters = 64
     memories = {v: ClusterMemory(torch.nn.functional.normalize(torch.randn(num_clusters, model.feat_dim), dim=1))
                 for v in VIEWS}
-    images = torch.randn(batch, 3, height, width)
-    targets = torch.randint(0, num_clusters, (batch,))
+    labels = torch.randint(0, num_clusters, (batch,)).numpy()
+    batches = [(torch.randn(batch, 3, height, width), torch.arange(batch))]
 
-    def step() -> None:
-        out = model(images)
-        loss = purification_loss({v: memories[v](out[v], targets) for v in VIEWS})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for v in VIEWS:
-            memories[v].update(out[v].detach(), targets)
+    def run(count: int) -> None:
+        train_one_epoch(model, optimizer, memories, labels, batches * count, DistContext(), lambda2=0.2)
 
-    step()  # warm-up: allocator, kernels
+    run(1)  # warm-up: allocator, kernels
     tic = time.perf_counter()
-    for _ in range(steps):
-        step()
+    run(steps)
     return steps * batch / (time.perf_counter() - tic)
 
 
 def epoch_breakdown(config_path: Path, epochs: int) -> list[dict]:
-    from purireid.config import load_config
-    from purireid.data import prepare_dataset
-    from purireid.stages import train_teacher
+    from purireid.config import load_config, stage_config
+    from purireid.stages import prepare_dataset, train_teacher
 
     root = Path(tempfile.mkdtemp(prefix="bench_training_"))
     config = load_config(config_path, overrides={"data_root": str(root / "data"), "device": "cpu",
                                                  "train": {"epochs": epochs, "eval_every": 0}})
     manifest = root / "data" / "manifest.csv"
-    prepare_dataset(config["dataset"], config["data_root"], manifest, root / "data" / "summary.json",
-                    synthetic=config["synthetic"], workers=2, progress=False)
+    prepare_dataset.run(stage_config(config, "prepare_dataset"), manifest=manifest,
+                        summary=root / "data" / "summary.json", workers=2, progress=False)
     out = root / "teacher"
-    train_teacher.run(config, manifest=manifest, model_out=out / "model.pth", log_jsonl=out / "log.jsonl",
-                      curve_png=out / "curve.png", state_dir=out / "state")
+    train_teacher.run(stage_config(config, "train_teacher"), manifest=manifest, model_out=out / "model.pth",
+                      log_jsonl=out / "log.jsonl", curve_png=out / "curve.png", state_dir=out / "state")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r for r in records if isinstance(r.get("epoch"), int)]
 

@@ -1,10 +1,16 @@
-"""Market-1501 evaluation protocol (SPEC §8): mAP and CMC, vectorised and chunked.
+"""Market-1501 evaluation protocol (SPEC §8): mAP, mINP and CMC, vectorised and chunked.
 
 Ranking rule: gallery items are ordered by distance, ties broken by gallery index (the
 order of a stable argsort). For each query, gallery items with the same pid *and* the same
 camera are removed, junk (pid -1) is removed, distractors (pid 0) stay. AP is the mean of
-the precision at the rank of every true match; queries without a true match are left out
-of mAP and CMC.
+the precision at the rank of every true match; INP (Ye et al., "Deep Learning for Person
+Re-identification: A Survey and Outlook", TPAMI 2021) is the number of true matches divided
+by the rank of the last one (1 - the share of false items ranked before the hardest match);
+queries without a true match are left out of mAP, mINP and CMC. Every metric is a fraction
+in [0, 1].
+
+One loop (`_evaluate`) serves `evaluate_rank` (a given distance matrix) and
+`evaluate_features` (distances computed per chunk of queries, or re-ranked).
 
 How it avoids sorting: only the ranks of the true matches are needed. A query's true
 matches (few) are sorted by (distance, gallery index); the rank of the k-th one is k plus
@@ -21,13 +27,19 @@ queries; no per-query Python loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["evaluate_features", "evaluate_rank", "topk"]
+__all__ = ["HEADLINE_KEYS", "HEADLINE_RANKS", "evaluate_features", "evaluate_rank", "headline_metrics"]
+
+# The CMC ranks a results table shows (Rank-1/5/10, as fast-reid and torchreid print them), and
+# the keys of headline_metrics.
+HEADLINE_RANKS = (1, 5, 10)
+HEADLINE_KEYS = ("mAP", "mINP", *(f"rank{k}" for k in HEADLINE_RANKS))
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 _CHUNK_ELEMENTS = 1 << 22  # ~4M distances per chunk: bounded temporaries
@@ -39,7 +51,7 @@ def _as_long(a: Any) -> Tensor:
 
 
 def _order_keys(dist: Tensor) -> Tensor:
-    """int64 keys ordering like (float32 distance, column index) (used by topk only)."""
+    """int64 keys ordering like (float32 distance, column index) (for the top-k lists)."""
     d = dist.float().contiguous() + 0.0  # -0.0 -> +0.0, so it ties with +0.0
     bits = d.view(torch.int32).to(torch.int64)
     # Signed-int order of IEEE floats: flip the magnitude bits of negative numbers.
@@ -159,8 +171,15 @@ def _match_ranks(
     return same_pid, ranks
 
 
-def _chunk_stats(ranks: Tensor, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(AP per query with a match, first-match rank per query with a match)."""
+
+
+def _chunk_stats(ranks: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query with a true match: (AP, INP, rank of the first match).
+
+    ``ranks`` is :func:`_match_ranks`' ``[q, P]`` (ascending ranks, 0 past a query's matches).
+    INP = matches / rank of the last (hardest) match (Ye et al., TPAMI 2021): 1 when every
+    true match comes before every false one.
+    """
     ranks = ranks.numpy()
     npos = (ranks > 0).sum(axis=1)
     has = npos > 0
@@ -168,31 +187,62 @@ def _chunk_stats(ranks: Tensor, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
     k = np.arange(1, r.shape[1] + 1, dtype=np.float64)
     prec = np.where(r > 0, k[None, :] / np.where(r > 0, r, 1.0), 0.0)
     ap = prec.sum(axis=1) / npos[has]
+    hardest = r.max(axis=1) if r.shape[1] else np.ones(0)
+    inp = npos[has] / hardest
     first = ranks[has, 0] if r.shape[1] else np.zeros(0, dtype=np.int64)
-    return ap, first
+    return ap, inp, first
 
 
-def _summarise(aps: list[np.ndarray], firsts: list[np.ndarray], max_rank: int) -> dict[str, Any]:
-    ap = np.concatenate(aps) if aps else np.zeros(0)
-    first = np.concatenate(firsts) if firsts else np.zeros(0, dtype=np.int64)
+def _summarise(stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_rank: int) -> dict[str, Any]:
+    ap, inp, first = (np.concatenate(parts) for parts in zip(*stats)) if stats else (np.zeros(0),) * 3
     n = int(ap.size)
     if n == 0:
         raise ValueError("no query has a true match in the gallery: mAP/CMC undefined")
+    first = first.astype(np.int64)
     hist = np.bincount(first[first <= max_rank] - 1, minlength=max_rank)[:max_rank]
     cmc = np.cumsum(hist).astype(np.float64) / n
-    return {"mAP": float(ap.mean()), "cmc": cmc, "num_valid_queries": n}
+    return {"mAP": float(ap.mean()), "mINP": float(inp.mean()), "cmc": cmc, "num_valid_queries": n}
 
 
-def _check_labels(q: int, g: int, qp: Tensor, gp: Tensor, qc: Tensor, gc: Tensor) -> None:
-    if qp.numel() != q or qc.numel() != q:
-        raise ValueError(f"{q} queries but {qp.numel()} pids / {qc.numel()} cams")
-    if gp.numel() != g or gc.numel() != g:
-        raise ValueError(f"{g} gallery items but {gp.numel()} pids / {gc.numel()} cams")
+def _labels(num_q: int, num_g: int, query_pids: Any, gallery_pids: Any, query_cams: Any,
+            gallery_cams: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    qp, gp, qc, gc = map(_as_long, (query_pids, gallery_pids, query_cams, gallery_cams))
+    if qp.numel() != num_q or qc.numel() != num_q:
+        raise ValueError(f"{num_q} queries but {qp.numel()} pids / {qc.numel()} cams")
+    if gp.numel() != num_g or gc.numel() != num_g:
+        raise ValueError(f"{num_g} gallery items but {gp.numel()} pids / {gc.numel()} cams")
+    return qp, gp, qc, gc
 
 
 def _rows_per_chunk(g: int, chunk_size: int | None) -> int:
     rows = int(chunk_size) if chunk_size is not None else _CHUNK_ELEMENTS // max(g, 1)
     return max(1, min(rows, _max_rows(g)))
+
+
+def _evaluate(distance_rows: Callable[[int, int], Tensor], num_q: int, num_g: int,
+              labels: tuple[Tensor, Tensor, Tensor, Tensor], *, max_rank: int, chunk_size: int | None,
+              topk: int) -> dict[str, Any]:
+    """The one evaluation loop: `distance_rows(s, e)` gives the distances of queries s..e-1 to
+    the whole gallery; they are ranked in sub-chunks, so temporaries stay small whatever
+    `chunk_size` (rows of distances asked for at once) is."""
+    qp, gp, qc, gc = labels
+    stats, tops = [], []
+    step, sub = _rows_per_chunk(num_g, chunk_size), _rows_per_chunk(num_g, None)
+    for s in range(0, num_q, step):
+        e = min(s + step, num_q)
+        dist = distance_rows(s, e)
+        for t in range(s, e, sub):
+            u = min(t + sub, e)
+            d = dist[t - s : u - s]
+            _, ranks = _match_ranks(d, qp[t:u], qc[t:u], gp, gc)
+            stats.append(_chunk_stats(ranks))
+            if topk > 0:
+                tops.append(_topk_rows(d, topk, qp[t:u], qc[t:u], gp, gc))
+        del dist
+    out = _summarise(stats, max_rank)
+    if topk > 0:
+        out["topk_indices"] = torch.cat(tops).numpy() if tops else np.zeros((0, topk), dtype=np.int64)
+    return out
 
 
 def evaluate_rank(
@@ -202,26 +252,22 @@ def evaluate_rank(
     query_cams: Any,
     gallery_cams: Any,
     max_rank: int = 50,
+    *,
+    topk: int = 0,
 ) -> dict[str, Any]:
-    """mAP and CMC of a query x gallery distance matrix under the Market-1501 protocol.
+    """mAP, mINP and CMC of a query x gallery distance matrix under the Market-1501 protocol.
 
-    Returns ``{"mAP": float, "cmc": float64 [max_rank] (cmc[0] = Rank-1),
-    "num_valid_queries": int}``. Raises ValueError when no query has a true match.
+    Returns ``{"mAP": float, "mINP": float, "cmc": float64 [max_rank] (cmc[0] = Rank-1),
+    "num_valid_queries": int}`` (fractions in [0, 1]), plus ``"topk_indices"`` int64
+    ``[Q, topk]`` when ``topk > 0`` (each query's best gallery items, protocol-removed items
+    skipped, -1 padding). Raises ValueError when no query has a true match.
     """
     dist = torch.as_tensor(distmat).detach().cpu()
     if dist.ndim != 2:
         raise ValueError(f"distmat must be [Q, G], got {tuple(dist.shape)}")
-    qp, gp, qc, gc = map(_as_long, (query_pids, gallery_pids, query_cams, gallery_cams))
     num_q, num_g = dist.shape
-    _check_labels(num_q, num_g, qp, gp, qc, gc)
-    step = _rows_per_chunk(num_g, None)
-    aps, firsts = [], []
-    for s in range(0, num_q, step):  # chunks only bound the temporaries
-        _, ranks = _match_ranks(dist[s : s + step], qp[s : s + step], qc[s : s + step], gp, gc)
-        ap, first = _chunk_stats(ranks, max_rank)
-        aps.append(ap)
-        firsts.append(first)
-    return _summarise(aps, firsts, max_rank)
+    labels = _labels(num_q, num_g, query_pids, gallery_pids, query_cams, gallery_cams)
+    return _evaluate(lambda s, e: dist[s:e], num_q, num_g, labels, max_rank=max_rank, chunk_size=None, topk=topk)
 
 
 def _sq_euclidean(qf: Tensor, gf: Tensor, g_sq: Tensor) -> Tensor:
@@ -242,34 +288,9 @@ def _topk_rows(d: Tensor, k: int, qp: Tensor, qc: Tensor, gp: Tensor, gc: Tensor
     return idx
 
 
-def topk(
-    query_features: np.ndarray | Tensor,
-    gallery_features: np.ndarray | Tensor,
-    k: int,
-    query_pids: Any = None,
-    gallery_pids: Any = None,
-    query_cams: Any = None,
-    gallery_cams: Any = None,
-    *,
-    chunk_size: int | None = None,
-) -> np.ndarray:
-    """Gallery indices ``[Q, k]`` of each query's k nearest gallery items, best first.
-
-    When pids and cams are given, the items the protocol removes (same pid and camera,
-    junk) are skipped, so the list is what the metrics rank; -1 pads short lists.
-    """
-    res = evaluate_features(
-        query_features,
-        gallery_features,
-        query_pids if query_pids is not None else np.full(len(query_features), -2),
-        gallery_pids if gallery_pids is not None else np.zeros(len(gallery_features)),
-        query_cams if query_cams is not None else np.zeros(len(query_features)),
-        gallery_cams if gallery_cams is not None else np.ones(len(gallery_features)),
-        chunk_size=chunk_size,
-        topk=k,
-        _metrics=False,
-    )
-    return res["topk_indices"]
+def _as_features(x: np.ndarray | Tensor) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    return t.detach().cpu().float().contiguous()
 
 
 def evaluate_features(
@@ -284,54 +305,37 @@ def evaluate_features(
     chunk_size: int | None = 1024,
     rerank: bool = False,
     topk: int = 0,
-    _metrics: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate from features: squared Euclidean distances computed per chunk of queries.
+    """:func:`evaluate_rank` of the squared Euclidean distances of the features, computed per
+    chunk of ``chunk_size`` queries.
 
     Memory is bounded by ``chunk_size x G`` (never the full Q x G matrix), except with
     ``rerank=True``, which needs the whole re-ranked matrix from
-    ``purireid.cluster.rerank_distance``. Returns :func:`evaluate_rank`'s keys, plus
-    ``"topk_indices"`` int64 ``[Q, topk]`` (protocol-removed items skipped, -1 padding)
-    when ``topk > 0``.
+    ``purireid.jaccard.rerank_distance``. Same keys as :func:`evaluate_rank`.
     """
-    qf = torch.as_tensor(np.asarray(query_features) if not isinstance(query_features, Tensor) else query_features)
-    gf = torch.as_tensor(np.asarray(gallery_features) if not isinstance(gallery_features, Tensor) else gallery_features)
-    qf = qf.detach().cpu().float().contiguous()
-    gf = gf.detach().cpu().float().contiguous()
+    qf, gf = _as_features(query_features), _as_features(gallery_features)
     if qf.ndim != 2 or gf.ndim != 2 or qf.shape[1] != gf.shape[1]:
         raise ValueError(f"features must be [Q, D] and [G, D], got {tuple(qf.shape)}, {tuple(gf.shape)}")
-    qp, gp, qc, gc = map(_as_long, (query_pids, gallery_pids, query_cams, gallery_cams))
     num_q, num_g = qf.shape[0], gf.shape[0]
-    _check_labels(num_q, num_g, qp, gp, qc, gc)
-
-    reranked = None
+    labels = _labels(num_q, num_g, query_pids, gallery_pids, query_cams, gallery_cams)
     if rerank:
-        from purireid.cluster import rerank_distance  # lazy: cluster pulls in faiss/sklearn
+        from purireid.jaccard import rerank_distance  # lazy: only re-ranking needs the kNN engine
 
         reranked = torch.as_tensor(np.asarray(rerank_distance(qf.numpy(), gf.numpy()), dtype=np.float32))
         if tuple(reranked.shape) != (num_q, num_g):
             raise ValueError(f"rerank_distance returned {tuple(reranked.shape)}, expected {(num_q, num_g)}")
-
+        return _evaluate(lambda s, e: reranked[s:e], num_q, num_g, labels, max_rank=max_rank,
+                         chunk_size=chunk_size, topk=topk)
     g_sq = gf.pow(2).sum(dim=1)
-    step = _rows_per_chunk(num_g, chunk_size)
-    aps, firsts, tops = [], [], []
-    for s in range(0, num_q, step):
-        e = min(s + step, num_q)
-        dist = reranked[s:e] if reranked is not None else _sq_euclidean(qf[s:e], gf, g_sq)
-        # Rank in sub-chunks: small temporaries whatever chunk_size is.
-        sub = _rows_per_chunk(num_g, None)
-        for t in range(s, e, sub):
-            u = min(t + sub, e)
-            d = dist[t - s : u - s]
-            if _metrics:
-                _, ranks = _match_ranks(d, qp[t:u], qc[t:u], gp, gc)
-                ap, first = _chunk_stats(ranks, max_rank)
-                aps.append(ap)
-                firsts.append(first)
-            if topk > 0:
-                tops.append(_topk_rows(d, topk, qp[t:u], qc[t:u], gp, gc))
-        del dist
-    out: dict[str, Any] = _summarise(aps, firsts, max_rank) if _metrics else {}
-    if topk > 0:
-        out["topk_indices"] = (torch.cat(tops).numpy() if tops else np.zeros((0, topk), dtype=np.int64))
+    return _evaluate(lambda s, e: _sq_euclidean(qf[s:e], gf, g_sq), num_q, num_g, labels, max_rank=max_rank,
+                     chunk_size=chunk_size, topk=topk)
+
+
+def headline_metrics(result: Mapping[str, Any], ranks: Sequence[int] = HEADLINE_RANKS) -> dict[str, float | None]:
+    """``HEADLINE_KEYS`` ({"mAP", "mINP", "rank1", "rank5", "rank10"}) of an evaluation result (fractions);
+    a rank beyond the CMC's length (``max_rank``) is None, not the last value."""
+    cmc = np.asarray(result["cmc"], dtype=np.float64)
+    out: dict[str, float | None] = {"mAP": float(result["mAP"]), "mINP": float(result["mINP"])}
+    for k in ranks:
+        out[f"rank{k}"] = float(cmc[k - 1]) if k <= cmc.size else None
     return out

@@ -1,9 +1,17 @@
-"""Shared test helpers: the tiny synthetic configuration the stage tests run on."""
+"""Shared test helpers: the tiny synthetic configuration the stage tests run on, a workflow
+script run as Snakemake runs it, and a small tmpfs for disk-full tests."""
 
 from __future__ import annotations
 
+import os
+import runpy
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from purireid.config import deep_merge, load_config
 
@@ -18,10 +26,60 @@ def tiny_config(data_root: Path | str, **sections: Any) -> dict:
 
 def prepare_tiny_dataset(root: Path) -> dict:
     """Generate the tiny synthetic dataset under `root` and write its manifest."""
-    from purireid.data import prepare_dataset
+    from purireid.config import stage_config
+    from purireid.stages import prepare_dataset
 
     config = tiny_config(root / "data")
     manifest = root / "results" / "data" / "manifest.csv"
-    prepare_dataset("synthetic", config["data_root"], manifest, manifest.with_name("summary.json"),
-                    synthetic=config["synthetic"], workers=1)
+    prepare_dataset.run(stage_config(config, "prepare_dataset"), manifest=manifest,
+                        summary=manifest.with_name("summary.json"), workers=1, progress=False)
     return {"root": root, "data_root": root / "data", "manifest": manifest}
+
+
+class Files(dict):
+    """Snakemake's named lists as a workflow script uses them: by attribute and iterated."""
+
+    __getattr__ = dict.__getitem__
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+def fake_snakemake(rule: str, config: dict, *, log: Path | str, input: dict | None = None,
+                   output: dict | None = None, params: dict | None = None, threads: int = 1,
+                   wildcards: dict | None = None) -> Any:
+    """The parts of Snakemake's `snakemake` object a workflow script reads; `params.config` is the
+    rule's (purireid.config.stage_params), `config` the whole workflow config."""
+    from purireid.config import stage_params
+
+    return type("Snakemake", (), {
+        "rule": rule, "config": config, "threads": threads, "log": [str(log)],
+        "wildcards": Files(wildcards or {}), "input": Files({k: str(v) for k, v in (input or {}).items()}),
+        "output": Files({k: str(v) for k, v in (output or {}).items()}),
+        "params": Files({"config": stage_params(config, rule), **(params or {})}),
+    })
+
+
+def run_workflow_script(script: str, snakemake: Any) -> None:
+    """Run workflow/scripts/<script> in this process as Snakemake would (its SystemExit propagates)."""
+    scripts = str(REPO / "workflow" / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    runpy.run_path(str(REPO / "workflow" / "scripts" / script), init_globals={"snakemake": snakemake})
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs mounted in the test's folder, for disk-full tests (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

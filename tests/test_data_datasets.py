@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -13,8 +12,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from purireid.data import DatasetError, Record, load_dataset, prepare_dataset, read_manifest
-from purireid.data.prepare import extract_archive, main as prepare_main
+from purireid.config import resolve_config, stage_config
+from purireid.data import DatasetError, Record, extract_archive, load_dataset, read_manifest
+from purireid.stages import prepare_dataset
+
+
+def prepare(name: str, data_root: Path, manifest: Path, summary: Path, *, workers: int = 1, **prepare_keys) -> dict:
+    """The prepare_dataset stage on the job config of `name`, `data_root` and prepare.* keys."""
+    keys = {k: str(v) if isinstance(v, Path) else v for k, v in prepare_keys.items()}
+    config = resolve_config({"dataset": name, "data_root": str(data_root), "prepare": keys})
+    return prepare_dataset.run(stage_config(config, "prepare_dataset"), manifest=manifest, summary=summary,
+                               workers=workers, progress=False)
 
 
 def _jpeg(path: Path, seed: int = 0) -> None:
@@ -107,7 +115,7 @@ def test_msmt_original_missing_list_file(tmp_path):
 def test_prepare_writes_manifest_and_summary(tmp_path):
     make_market(tmp_path)
     manifest, summary = tmp_path / "res" / "manifest.csv", tmp_path / "res" / "summary.json"
-    out = prepare_dataset("market1501", tmp_path, manifest, summary, check_counts=False, workers=1, progress=False)
+    out = prepare("market1501", tmp_path, manifest, summary, check_counts=False)
     lines = manifest.read_text().splitlines()
     assert lines[0] == "split,path,pid,camid"
     assert lines[1] == "train,market1501/Market-1501-v15.09.15/bounding_box_train/0002_c1s1_000451_03.jpg,2,0"
@@ -122,9 +130,9 @@ def test_wrong_count_error_and_opt_out(tmp_path):
     make_market(tmp_path)
     args = ("market1501", tmp_path, tmp_path / "m.csv", tmp_path / "s.json")
     with pytest.raises(DatasetError, match=r"(?s)train: expected 12936, found 5.*check_counts: false"):
-        prepare_dataset(*args, workers=1, progress=False)
+        prepare(*args)
     assert not (tmp_path / "m.csv").exists()
-    prepare_dataset(*args, check_counts=False, workers=1, progress=False)
+    prepare(*args, check_counts=False)
 
 
 def test_missing_folder_error(tmp_path):
@@ -135,7 +143,7 @@ def test_missing_folder_error(tmp_path):
     with pytest.raises(DatasetError, match=r"missing folder\(s\) \['query'\].*\n.*expected.*\n.*found.*\n.*fix"):
         load_dataset("market1501", tmp_path)
     with pytest.raises(DatasetError, match=r"not found.*\n.*\n.*prepare.archive"):
-        prepare_dataset("dukemtmcreid", tmp_path, tmp_path / "m.csv", tmp_path / "s.json")
+        prepare("dukemtmcreid", tmp_path, tmp_path / "m.csv", tmp_path / "s.json")
 
 
 def test_unparsable_name_error(tmp_path):
@@ -153,8 +161,7 @@ def test_corrupt_and_truncated_jpeg_named(tmp_path):
     good.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # truncated
     (base / "query" / "0005_c4s1_002251_00.jpg").write_bytes(b"garbage")
     with pytest.raises(DatasetError) as err:
-        prepare_dataset("market1501", tmp_path, tmp_path / "m.csv", tmp_path / "s.json",
-                        check_counts=False, workers=2, progress=False)
+        prepare("market1501", tmp_path, tmp_path / "m.csv", tmp_path / "s.json", check_counts=False, workers=2)
     msg = str(err.value)
     assert "2 of 13 images cannot be decoded" in msg
     assert "0003_c2s1_001111_01.jpg" in msg and "truncated" in msg
@@ -172,8 +179,7 @@ def test_prepare_from_zip_and_tar_archives(tmp_path):
     archive = tmp_path / "Market-1501-v15.09.15.zip"
     _zip_dir(src, archive)
     root = tmp_path / "data"
-    out = prepare_dataset("market1501", root, root / "m.csv", root / "s.json", archive=archive,
-                          check_counts=False, workers=1, progress=False)
+    out = prepare("market1501", root, root / "m.csv", root / "s.json", archive=archive, check_counts=False)
     assert out["splits"]["train"]["images"] == 5
     assert not [p for p in (root / "market1501").iterdir() if p.name.startswith(".")]
 
@@ -181,8 +187,8 @@ def test_prepare_from_zip_and_tar_archives(tmp_path):
     tgz = tmp_path / "MSMT17_V1.tar.gz"
     with tarfile.open(tgz, "w:gz") as tf:
         tf.add(msmt, arcname="MSMT17_V1")
-    assert prepare_dataset("msmt17", root, root / "m2.csv", root / "s2.json", archive=tgz, check_counts=False,
-                           workers=1, progress=False)["splits"]["train"]["images"] == 4
+    assert prepare("msmt17", root, root / "m2.csv", root / "s2.json", archive=tgz,
+                   check_counts=False)["splits"]["train"]["images"] == 4
 
 
 def test_archive_without_expected_folder(tmp_path):
@@ -190,7 +196,7 @@ def test_archive_without_expected_folder(tmp_path):
     archive = tmp_path / "a.zip"
     _zip_dir(src, archive)
     with pytest.raises(DatasetError, match=r"does not contain the folder 'Market-1501-v15.09.15'.*\n.*\n.*Wrong-Name"):
-        prepare_dataset("market1501", tmp_path / "d", tmp_path / "m.csv", tmp_path / "s.json", archive=archive)
+        prepare("market1501", tmp_path / "d", tmp_path / "m.csv", tmp_path / "s.json", archive=archive)
 
 
 def test_archive_path_escape_rejected(tmp_path):
@@ -213,12 +219,11 @@ def test_archive_path_escape_rejected(tmp_path):
         extract_archive(tar_path, tmp_path / "x")
 
 
-def test_cli_prepares_folder_dataset(tmp_path, capsys):
+def test_prepare_stage_on_a_folder_dataset(tmp_path):
     make_market(tmp_path, "mine")
-    rc = prepare_main(["--dataset", "folder", "--data-root", str(tmp_path), "--folder-name", "mine",
-                       "--manifest", str(tmp_path / "out" / "manifest.csv"), "--workers", "1"])
-    assert rc == 0 and (tmp_path / "out" / "summary.json").is_file()
-    rc = prepare_main(["--dataset", "market1501", "--data-root", str(tmp_path), "--manifest",
-                       str(tmp_path / "m.csv")])
-    assert rc == 1 and "not found" in capsys.readouterr().err
-    assert os.path.exists(tmp_path / "out" / "manifest.csv")
+    manifest = tmp_path / "out" / "manifest.csv"
+    out = prepare("folder", tmp_path, manifest, manifest.with_name("summary.json"), folder_name="mine",
+                  check_counts=True)
+    assert out["folder"] == "mine" and not out["counts_checked"]  # no published counts for a folder
+    assert [r.path.split("/")[0] for r in read_manifest(manifest)["train"]] == ["mine"] * 5
+    assert (tmp_path / "out" / "config.yaml").is_file()  # the job's config beside its outputs

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from purireid.config import resolve_config, stage_config
 from purireid.data import (
     CameraAwareSampler, RandomMultiInstanceSampler, Record, TrainLoader, build_image_cache,
-    build_test_loader, generate_synthetic, load_dataset, prepare_dataset,
+    build_test_loader, generate_synthetic, load_dataset,
 )
 from purireid.data.datasets import load_market_layout
 from purireid.data.loaders import open_image_cache
@@ -21,6 +22,7 @@ from purireid.data.transforms import (
     ERASE_VALUE, IMAGENET_MEAN, IMAGENET_STD, augment_batch, augment_pil, load_resized,
     sample_augmentation,
 )
+from purireid.stages import prepare_dataset
 
 
 # --------------------------------------------------------------------------- samplers
@@ -143,7 +145,9 @@ def test_cache_equals_pil_resize_and_is_rebuilt_when_stale(tmp_path):
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     params = dict(num_train_ids=6, num_test_ids=4, images_per_id=6, num_cameras=3, height=32, width=16, seed=3)
-    prepare_dataset("synthetic", root, root / "m.csv", root / "s.json", synthetic=params, workers=1, progress=False)
+    config = stage_config(resolve_config({"dataset": "synthetic", "data_root": str(root), "synthetic": params}),
+                          "prepare_dataset")
+    prepare_dataset.run(config, manifest=root / "m.csv", summary=root / "s.json", workers=1, progress=False)
     return root, params
 
 

@@ -44,7 +44,7 @@ def tiny_config(data_root: Path, **sections) -> dict:
 RUN_STAGE = textwrap.dedent("""
     import sys, yaml
     from purireid.log import setup_logging
-    from purireid.stages import extract_features, train_teacher
+    from purireid.stages import extract_teacher_features, train_teacher
     stage, config_file, out, manifest = sys.argv[1:5]
     config = yaml.safe_load(open(config_file))
     setup_logging(out + "/run.log")
@@ -52,7 +52,7 @@ RUN_STAGE = textwrap.dedent("""
         train_teacher.run(config, manifest=manifest, model_out=out + "/model.pth", log_jsonl=out + "/log.jsonl",
                           curve_png=out + "/curve.png", state_dir=out + "/state")
     else:
-        extract_features.run(config, manifest=manifest, checkpoint=sys.argv[5], features_out=out + "/features.h5")
+        extract_teacher_features.run(config, manifest=manifest, checkpoint=sys.argv[5], features_out=out + "/features.h5")
 """)
 
 
@@ -114,7 +114,7 @@ def test_ddp_training_matches_one_process_with_the_same_bn_groups(runs):
     # Same pseudo labels every epoch (so the gathered memories and the sampler agreed), and the
     # logged losses are global-batch means in both runs.
     la, lb = epoch_log(runs["single"]), epoch_log(runs["ddp"])
-    assert [r["epoch"] for r in lb] == ["untrained", *range(EPOCHS)]
+    assert [r["epoch"] for r in lb] == [None, *range(EPOCHS)]
     assert lb[0]["mAP"] == pytest.approx(la[0]["mAP"], abs=1e-6)
     for ra, rb in zip(la[1:], lb[1:]):
         assert (ra["clusters"], ra["outliers"]) == (rb["clusters"], rb["outliers"])
@@ -143,7 +143,7 @@ def test_ddp_training_matches_one_process_with_the_same_bn_groups(runs):
     # Only rank 0 writes: one copy of every output, no leftover state.
     assert not (runs["ddp"] / "state" / "state.pth").exists()
     assert (runs["ddp"] / "curve.png").exists() and (runs["ddp"] / "config.yaml").exists()
-    assert "training teacher from scratch" in (runs["ddp"] / "run.log").read_text()
+    assert "starting teacher training (no resume state" in (runs["ddp"] / "run.log").read_text()
 
 
 def test_ddp_extraction_equals_one_process(dataset, runs):
@@ -187,7 +187,7 @@ def test_ddp_resumes_after_the_whole_job_is_killed(dataset, runs, tmp_path):
     resumed = weights(out / "model.pth")
     for key in reference:
         assert torch.allclose(reference[key].float(), resumed[key].float(), rtol=0, atol=1e-6), key
-    assert [r["epoch"] for r in epoch_log(out)] == ["untrained", *range(EPOCHS)]
+    assert [r["epoch"] for r in epoch_log(out)] == [None, *range(EPOCHS)]
 
 
 def test_sigterm_to_the_parent_stops_the_ranks_and_leaves_resumable_state(dataset, runs, tmp_path):
@@ -213,7 +213,7 @@ def test_sigterm_to_the_parent_stops_the_ranks_and_leaves_resumable_state(datase
 @pytest.mark.parametrize("device, gpus, key", [("cuda", 1, "'device'"), ("cuda", 2, "'train.gpus'"),
                                                 ("auto", 2, "'train.gpus'")])
 def test_gpu_options_on_a_cpu_only_machine_are_clear_errors(dataset, tmp_path, monkeypatch, device, gpus, key):
-    from purireid.stages import extract_features, train_teacher
+    from purireid.stages import extract_teacher_features, train_teacher
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = tiny_config(dataset["data_root"], device=device, train={"gpus": gpus})
@@ -222,8 +222,8 @@ def test_gpu_options_on_a_cpu_only_machine_are_clear_errors(dataset, tmp_path, m
                           log_jsonl=tmp_path / "l.jsonl", curve_png=tmp_path / "c.png", state_dir=tmp_path / "s")
     assert "no CUDA device" in str(info.value)
     with pytest.raises(RuntimeError, match=key):
-        extract_features.run(config, manifest=dataset["manifest"], checkpoint=tmp_path / "m.pth",
-                             features_out=tmp_path / "f.h5")
+        extract_teacher_features.run(config, manifest=dataset["manifest"], checkpoint=tmp_path / "m.pth",
+                                     features_out=tmp_path / "f.h5")
     assert not any(tmp_path.iterdir())
 
 

@@ -1,47 +1,15 @@
-"""Market-1501 protocol metrics (SPEC §8) against brute force and scikit-learn."""
+"""Market-1501 protocol metrics (SPEC §8): mAP, mINP and CMC against hand-made cases, the brute-force
+definition and a scikit-learn per-query loop (tests/evaluation_reference.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score
+from evaluation_reference import brute_force, sklearn_reference
 
 import purireid.evaluation as ev
-from purireid.evaluation import evaluate_features, evaluate_rank, topk
-
-
-def brute_force(d, qp, gp, qc, gc, max_rank=50):
-    """Straight from SPEC §8: rank by (distance, gallery index), drop same pid+cam and junk."""
-    aps, firsts = [], []
-    for i in range(len(qp)):
-        ranked = sorted(range(len(gp)), key=lambda j: (float(d[i][j]), j))
-        ranked = [j for j in ranked if gp[j] != -1 and not (gp[j] == qp[i] and gc[j] == qc[i])]
-        hits = [r + 1 for r, j in enumerate(ranked) if gp[j] == qp[i]]
-        if not hits:
-            continue
-        aps.append(sum((k + 1) / r for k, r in enumerate(hits)) / len(hits))
-        firsts.append(hits[0])
-    cmc = np.array([sum(f <= r for f in firsts) for r in range(1, max_rank + 1)]) / len(firsts)
-    return float(np.mean(aps)), cmc, len(aps)
-
-
-def sklearn_loop(d, qp, gp, qc, gc, max_rank=50):
-    """The released code's way: per query argsort + average_precision_score."""
-    aps, cmc, n = [], np.zeros(max_rank), 0
-    for i in range(d.shape[0]):
-        order = np.argsort(d[i], kind="stable")
-        match = gp[order] == qp[i]
-        valid = ~(match & (gc[order] == qc[i])) & (gp[order] != -1)
-        y = match[valid]
-        if not y.any():
-            continue
-        aps.append(average_precision_score(y, -d[i][order][valid]))
-        first = int(np.flatnonzero(y)[0])
-        if first < max_rank:
-            cmc[first:] += 1
-        n += 1
-    return float(np.mean(aps)), cmc / n, n
+from purireid.evaluation import evaluate_features, evaluate_rank, headline_metrics
 
 
 @pytest.fixture(params=["sparse", "dense"])
@@ -86,11 +54,48 @@ def test_hand_made_case(path):
     res = evaluate_rank(d, qp, gp, qc, gc, max_rank=6)
     assert res["num_valid_queries"] == 2
     assert res["mAP"] == pytest.approx((0.5 + 0.2) / 2, abs=1e-12)
+    # INP = matches / rank of the last match: query 0 2/4, query 2 1/5
+    assert res["mINP"] == pytest.approx((2 / 4 + 1 / 5) / 2, abs=1e-12)
     np.testing.assert_allclose(res["cmc"], [0, 0.5, 0.5, 0.5, 1.0, 1.0])
     assert res["cmc"].shape == (6,)
     bf = brute_force(d, qp, gp, qc, gc, max_rank=6)
-    assert res["mAP"] == pytest.approx(bf[0], abs=1e-12)
-    np.testing.assert_allclose(res["cmc"], bf[1])
+    assert res["mAP"] == pytest.approx(bf["mAP"], abs=1e-12)
+    assert res["mINP"] == pytest.approx(bf["mINP"], abs=1e-12)
+    np.testing.assert_allclose(res["cmc"], bf["cmc"])
+
+
+@pytest.mark.parametrize(
+    ("labels", "inp"),
+    [
+        # + = true match, - = false match, in rank order; NP = (R_hard - matches) / R_hard
+        ("++--", 1.0),          # every match first: nothing to wade through
+        ("-+", 1 / 2),          # hardest match at rank 2, 1 match
+        ("+--+", 2 / 4),        # R_hard 4, 2 matches
+        ("---+-+", 2 / 6),
+        ("+++---+", 4 / 7),
+        ("-----+", 1 / 6),
+    ],
+)
+def test_minp_hand_made(path, labels, inp):
+    """One query per case, gallery in rank order (distances 0, 1, 2, ...): INP = 1 - NP."""
+    gp = np.array([1 if c == "+" else 2 for c in labels])
+    d = np.arange(len(labels), dtype=np.float32)[None, :]
+    res = evaluate_rank(d, [1], gp, [0], np.ones(len(labels), dtype=int), max_rank=len(labels))
+    assert res["mINP"] == pytest.approx(inp, abs=1e-12)
+    assert res["mINP"] == pytest.approx(brute_force(d, [1], gp, [0], np.ones(len(labels)))["mINP"], abs=1e-12)
+
+
+def test_minp_ignores_removed_items_and_averages_queries(path):
+    # gallery: 0 pid1/cam0 (same pid+cam as the query: removed), 1 junk (removed),
+    #          2 pid2 (false), 3 pid1/cam1 (match), 4 pid0 distractor (false), 5 pid1/cam2 (match)
+    gp = np.array([1, -1, 2, 1, 0, 1])
+    gc = np.array([0, 1, 1, 1, 1, 2])
+    d = np.array([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                  [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]], dtype=np.float32)
+    # query 0 (pid 1, cam 0): valid order 2(-) 3(+) 4(-) 5(+) -> INP 2/4
+    # query 1 (pid 2, cam 0): valid order 5 4 3 2(+)           -> INP 1/4
+    res = evaluate_rank(d, [1, 2], gp, [0, 0], gc, max_rank=4)
+    assert res["mINP"] == pytest.approx((2 / 4 + 1 / 4) / 2, abs=1e-12)
 
 
 def test_same_camera_match_only_is_not_a_match(path):
@@ -132,9 +137,10 @@ def test_matches_brute_force_with_many_ties(path, seed):
     d = rng.integers(0, 4, (nq, ng)).astype(np.float32)  # heavy ties
     res = evaluate_rank(d, qp, gp, qc, gc, max_rank=10)
     bf = brute_force(d, qp, gp, qc, gc, max_rank=10)
-    assert res["num_valid_queries"] == bf[2]
-    assert res["mAP"] == pytest.approx(bf[0], abs=1e-12)
-    np.testing.assert_allclose(res["cmc"], bf[1], atol=1e-12)
+    assert res["num_valid_queries"] == bf["num_valid_queries"]
+    assert res["mAP"] == pytest.approx(bf["mAP"], abs=1e-12)
+    assert res["mINP"] == pytest.approx(bf["mINP"], abs=1e-12)
+    np.testing.assert_allclose(res["cmc"], bf["cmc"], atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -143,10 +149,11 @@ def test_equals_sklearn_loop_on_random_data(path, seed):
     qf, gf, qp, gp, qc, gc = random_case(rng, 120, 700, 40, 4)
     d = sq_dist(qf, gf)
     res = evaluate_rank(d, qp, gp, qc, gc)
-    ref = sklearn_loop(d, qp, gp, qc, gc)
-    assert res["num_valid_queries"] == ref[2]
-    assert abs(res["mAP"] - ref[0]) <= 1e-6
-    np.testing.assert_allclose(res["cmc"], ref[1], atol=1e-12)
+    ref = sklearn_reference(d, qp, gp, qc, gc)
+    assert res["num_valid_queries"] == ref["num_valid_queries"]
+    assert abs(res["mAP"] - ref["mAP"]) <= 1e-9
+    assert abs(res["mINP"] - ref["mINP"]) <= 1e-12
+    np.testing.assert_allclose(res["cmc"], ref["cmc"], atol=1e-12)
     assert res["cmc"].dtype == np.float64 and res["cmc"].shape == (50,)
     # torch input gives the same.
     res_t = evaluate_rank(torch.from_numpy(d), qp, gp, qc, gc)
@@ -160,6 +167,7 @@ def test_chunked_equals_unchunked_and_rank(path):
     for chunk in (1, 7, 53, 1000, None):
         res = evaluate_features(qf, gf, qp, gp, qc, gc, max_rank=20, chunk_size=chunk)
         assert res["mAP"] == pytest.approx(full["mAP"], abs=1e-12)
+        assert res["mINP"] == pytest.approx(full["mINP"], abs=1e-12)
         np.testing.assert_array_equal(res["cmc"], full["cmc"])
         assert res["num_valid_queries"] == full["num_valid_queries"]
         assert "topk_indices" not in res
@@ -178,11 +186,20 @@ def test_topk_indices(path):
         ranked = sorted(range(30), key=lambda j: (float(d[i, j]), j))
         ranked = [j for j in ranked if gp[j] != -1 and not (gp[j] == qp[i] and gc[j] == qc[i])]
         assert list(idx[i]) == ranked[:5]
-    # Without labels: plain nearest neighbours; -1 pads past the gallery size.
-    idx = topk(qf, gf[:3], 4)
-    for i in range(9):
-        assert list(idx[i, :3]) == sorted(range(3), key=lambda j: (float(d[i, j]), j))
-        assert idx[i, 3] == -1
+    # The same lists from the distance matrix.
+    np.testing.assert_array_equal(evaluate_rank(d, qp, gp, qc, gc, topk=5)["topk_indices"], idx)
+    # -1 pads past the valid items: gallery 0 (same pid and camera) and 2 (junk) are skipped.
+    short = evaluate_rank(np.array([[0.1, 0.2, 0.0, 0.3]], dtype=np.float32), [1], [1, 1, -1, 2], [0], [0, 1, 0, 0],
+                          topk=4)["topk_indices"]
+    assert short.tolist() == [[1, 3, -1, -1]]
+
+
+def test_headline_metrics():
+    res = {"mAP": 0.5, "mINP": 0.25, "cmc": np.linspace(0.1, 1.0, 10), "num_valid_queries": 3}
+    assert headline_metrics(res) == pytest.approx({"mAP": 0.5, "mINP": 0.25, "rank1": 0.1, "rank5": 0.5,
+                                                   "rank10": 1.0})
+    # A CMC shorter than a headline rank (evaluate.max_rank 3): that rank is unknown, not the last value.
+    assert headline_metrics({**res, "cmc": res["cmc"][:3]})["rank5"] is None
 
 
 def test_errors():
@@ -199,17 +216,10 @@ def test_errors():
 
 
 def test_rerank_path():
-    import purireid.cluster as cluster  # noqa: F401 - skip below if not there yet
+    from purireid.jaccard import rerank_distance
 
-    rerank_distance = getattr(cluster, "rerank_distance", None)
-    if rerank_distance is None:
-        pytest.skip("purireid.cluster.rerank_distance not written yet")
     rng = np.random.default_rng(5)
     qf, gf, qp, gp, qc, gc = random_case(rng, 20, 80, 6, 3, dim=16, junk=False)
-    try:
-        rerank_distance(qf[:2], gf[:5])
-    except NotImplementedError:
-        pytest.skip("purireid.cluster.rerank_distance not implemented yet")
     res = evaluate_features(qf, gf, qp, gp, qc, gc, rerank=True, chunk_size=7, topk=3)
     ref = evaluate_rank(rerank_distance(qf, gf), qp, gp, qc, gc)
     assert res["mAP"] == pytest.approx(ref["mAP"], abs=1e-12)

@@ -297,7 +297,7 @@ def test_cancelled_training_job_is_resubmitted_and_resumes(tiny_run, tmp_path):
     teacher_jobs = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
     assert cancelled in teacher_jobs and teacher_jobs[-1] != cancelled, (teacher_jobs, output[-4000:])
     # (the failed attempt's log, printed by show-failed-logs: it had started from scratch)
-    assert "training teacher from scratch" in output, output[-4000:]
+    assert "starting teacher training (no resume state" in output, output[-4000:]
 
     # the new attempt resumed from the saved epoch instead of starting over (the state of the
     # earlier, finished run was cleared, so this state can only come from the cancelled job)
@@ -310,7 +310,7 @@ def test_cancelled_training_job_is_resubmitted_and_resumes(tiny_run, tmp_path):
     # and finished: all epochs in the log, model written, resume state cleared
     records = [json.loads(line) for line in (res / "teacher" / "log.jsonl").read_text().splitlines()
                if line.strip()]
-    trained = [r for r in records if r.get("epoch") != "untrained"]
+    trained = [r for r in records if r.get("phase") != "untrained"]
     assert len(trained) == epochs, records
     assert (res / "teacher" / "model.pth").stat().st_size > 0
     assert not state_file.exists()

@@ -17,16 +17,17 @@ import pytest
 import torch
 
 from purireid import VIEWS
-from conftest import prepare_tiny_dataset, tiny_config as shared_tiny_config
-from purireid.config import deep_merge
+from conftest import REPO, prepare_tiny_dataset, tiny_config as shared_tiny_config
+from purireid.config import deep_merge, stage_config
 from purireid.data import TrainLoader, read_manifest
 from purireid.distributed import DistContext
-from purireid.features import FeatureFileMismatch, read_features_h5
 from purireid.io import sha256_file
-from purireid.stages import evaluate, extract_features, train_student, train_teacher
-from purireid.stages.trainer import DegenerateClustering, TeacherGuidance, _train_epoch, check_clusters
-from purireid.stages.common import GracefulTermination, load_model_checkpoint
-
+from purireid.labels import DegenerateClustering, PseudoLabels, TrueLabels, check_clusters
+from purireid.stages import evaluate, extract_teacher_features, train_student, train_teacher
+from purireid.stages.checkpoints import FeatureFileMismatch, load_model_checkpoint, read_teacher_features
+from purireid.stages.inference import evaluate_model, extract_records
+from purireid.stages.signals import GracefulTermination
+from purireid.stages.trainer import EpochPlan, TeacherGuidance, TrainingRun, run_epoch, train
 
 
 def tiny_config(data_root: Path, **sections) -> dict:
@@ -39,6 +40,12 @@ def dataset(tmp_path_factory) -> dict:
     return {**prepared, "config": tiny_config(prepared["data_root"])}
 
 
+def job(config: dict, stage: str) -> dict:
+    """What the workflow gives `stage`'s job: its params plus its execution-only keys, nothing
+    else, so a stage reading an undeclared key fails here (KeyError)."""
+    return stage_config(config, stage)
+
+
 def teacher_paths(base: Path) -> dict:
     return {"model_out": base / "model.pth", "log_jsonl": base / "log.jsonl",
             "curve_png": base / "curve.png", "state_dir": base / "state"}
@@ -48,10 +55,10 @@ def teacher_paths(base: Path) -> dict:
 def teacher(dataset) -> dict:
     out = dataset["root"] / "results" / "teacher"
     paths = teacher_paths(out)
-    train_teacher.run(dataset["config"], manifest=dataset["manifest"], **paths)
+    train_teacher.run(job(dataset["config"], "train_teacher"), manifest=dataset["manifest"], **paths)
     features = out / "train_features.h5"
-    extract_features.run(dataset["config"], manifest=dataset["manifest"], checkpoint=paths["model_out"],
-                         features_out=features)
+    extract_teacher_features.run(job(dataset["config"], "extract_teacher_features"), manifest=dataset["manifest"],
+                                 checkpoint=paths["model_out"], features_out=features)
     return {**paths, "features": features}
 
 
@@ -59,7 +66,8 @@ def test_teacher_stage_writes_model_log_curve_and_clears_state(dataset, teacher)
     assert teacher["model_out"].exists() and teacher["curve_png"].exists()
     assert not (teacher["state_dir"] / "state.pth").exists()
     lines = [json.loads(line) for line in teacher["log_jsonl"].read_text().splitlines()]
-    assert lines[0]["epoch"] == "untrained" and 0.0 <= lines[0]["mAP"] <= 1.0
+    assert (lines[0]["epoch"], lines[0]["phase"]) == (None, "untrained") and 0.0 <= lines[0]["mAP"] <= 1.0
+    assert lines[0]["rank1"] <= lines[0]["rank5"] <= lines[0]["rank10"] and lines[0]["mINP"] <= 1.0
     epochs = [r for r in lines[1:]]
     assert [r["epoch"] for r in epochs] == [0, 1]
     for r in epochs:
@@ -77,20 +85,19 @@ def test_feature_file_layout_and_refusals(dataset, teacher, tmp_path):
         assert [p.decode() for p in h5["paths"][()]] == [r.path for r in train]
         assert list(h5["camids"][()]) == [r.camid for r in train]
         assert h5.attrs["checkpoint_sha256"] == sha256_file(teacher["model_out"])
-        assert "model:" in h5.attrs["config"] and h5.attrs["purireid_version"]
-    stored = read_features_h5(teacher["features"])
+        assert "data:" in h5.attrs["config"] and h5.attrs["purireid_version"]  # the extraction job's config
+    stored = read_teacher_features(teacher["features"])
     norms = stored["features"]["global"].norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
     with pytest.raises(FeatureFileMismatch, match="extract_teacher_features"):
-        read_features_h5(teacher["features"], expected_checkpoint_sha256="0" * 64)
+        read_teacher_features(teacher["features"], expected_checkpoint_sha256="0" * 64)
     with pytest.raises(FeatureFileMismatch, match="differ from the manifest"):
-        read_features_h5(teacher["features"], expected_paths=[r.path for r in train][::-1])
+        read_teacher_features(teacher["features"], expected_paths=[r.path for r in train][::-1])
 
 
 def test_extraction_matches_model_output(dataset, teacher):
     model = load_model_checkpoint(teacher["model_out"], torch.device("cpu")).eval()
-    stored = read_features_h5(teacher["features"])["features"]
-    from purireid.stages.trainer import extract_records
+    stored = read_teacher_features(teacher["features"])["features"]
     again = extract_records(model, read_manifest(dataset["manifest"])["train"], dataset["config"], DistContext(), "x")
     for view in VIEWS:
         assert torch.allclose(stored[view], again[view], atol=1e-5)
@@ -99,13 +106,13 @@ def test_extraction_matches_model_output(dataset, teacher):
 def test_student_and_evaluation(dataset, teacher):
     out = dataset["root"] / "results" / "student"
     paths = teacher_paths(out)
-    train_student.run(dataset["config"], manifest=dataset["manifest"], teacher_checkpoint=teacher["model_out"],
-                      teacher_features=teacher["features"], **paths)
+    train_student.run(job(dataset["config"], "train_student"), manifest=dataset["manifest"],
+                      teacher_checkpoint=teacher["model_out"], teacher_features=teacher["features"], **paths)
     lines = [json.loads(line) for line in paths["log_jsonl"].read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == ["untrained", -1, 0, 1]
+    assert [(r["epoch"], r["phase"]) for r in lines] == [(None, "untrained"), (-1, "warmup"), (0, "train"), (1, "train")]
     assert lines[1]["distill_global"] >= 0 and "distill_global" in lines[2]
     eval_json = out / "eval.json"
-    evaluate.run(dataset["config"], manifest=dataset["manifest"], checkpoint=paths["model_out"],
+    evaluate.run(job(dataset["config"], "evaluate"), manifest=dataset["manifest"], checkpoint=paths["model_out"],
                  eval_json=eval_json, cmc_png=out / "cmc.png", ranked_png=out / "ranked.png")
     result = json.loads(eval_json.read_text())
     assert set(result) >= {"mAP", "rank1", "rank5", "rank10", "cmc", "num_queries"}
@@ -131,13 +138,14 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
     """With μ = 0 a student epoch updates the weights exactly as a teacher epoch does."""
     config = tiny_config(dataset["config"]["data_root"], student={"mu": 0.0}, train={"iters": 2})
     train_records = read_manifest(dataset["manifest"])["train"]
-    pids = np.array([r.pid for r in train_records])
     data = config["data"]
     loader = TrainLoader(train_records, config["data_root"], height=data["height"], width=data["width"],
                          batch_size=config["train"]["batch_size"], num_instances=config["train"]["num_instances"],
                          iters=2, seed=1, use_cache=True, cache_dir=dataset["manifest"].parent / "cache")
     teacher_model = load_model_checkpoint(teacher["model_out"], torch.device("cpu"))
-    guidance = TeacherGuidance(teacher_model, read_features_h5(teacher["features"])["features"], "x")
+    guidance = TeacherGuidance(teacher_model, read_teacher_features(teacher["features"])["features"], "x")
+    plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config), iters=2,
+                     memory_momentum=config["train"]["momentum"])
     results = []
     for guide in (None, guidance):
         torch.manual_seed(0)
@@ -145,14 +153,28 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
         model = build_model("resnet18", "none")
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
         with GracefulTermination() as term:
-            record = _train_epoch(model, model, optimizer, config, DistContext(), epoch=0, index=1,
-                                  train_records=train_records, train_pids=pids, loader=loader,
-                                  cache_dir=dataset["manifest"].parent / "cache", teacher=guide, term=term)
+            run = TrainingRun(config, DistContext(), train_records, loader, term,
+                              cache_dir=dataset["manifest"].parent / "cache", teacher=guide)
+            record = run_epoch(run, plan, model, model, optimizer)
         results.append((record, model.state_dict()))
     (r0, s0), (r1, s1) = results
     assert r0["loss"] == r1["loss"]
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
+
+
+def test_training_from_true_labels(dataset, tmp_path):
+    """The loop trains from a given LabelSource: the identities as labels, memories from the
+    model's current features (a supervised reference)."""
+    config = tiny_config(dataset["config"]["data_root"], train={"epochs": 1, "iters": 2, "eval_every": 0})
+    records = read_manifest(dataset["manifest"])["train"]
+    paths = teacher_paths(tmp_path)
+    train(job(config, "train_teacher"), manifest=dataset["manifest"], **paths, ctx=DistContext(),
+          label_source=TrueLabels.from_pids([r.pid for r in records], config))
+    log = [json.loads(line) for line in paths["log_jsonl"].read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [None, 0]
+    assert (log[1]["clusters"], log[1]["outliers"], log[1]["purity"]) == (len({r.pid for r in records}), 0, 1.0)
+    assert torch.load(paths["model_out"], weights_only=False)["role"] == "supervised"
 
 
 def test_degenerate_clustering_suggests_eps(dataset):
@@ -171,15 +193,16 @@ def test_degenerate_epoch_stops_teacher_with_clear_error(dataset, tmp_path):
     assert not (tmp_path / "model.pth").exists()
 
 
-RUN_TEACHER = textwrap.dedent("""
+# The workflow script of rule train_teacher, run as Snakemake runs it (tests/conftest.py).
+RUN_TEACHER_JOB = textwrap.dedent("""
     import sys, yaml
-    from purireid.log import setup_logging
-    from purireid.stages import train_teacher
-    config = yaml.safe_load(open(sys.argv[1]))
-    setup_logging(sys.argv[3])
-    out = sys.argv[2]
-    train_teacher.run(config, manifest=sys.argv[4], model_out=out + "/model.pth", log_jsonl=out + "/log.jsonl",
-                      curve_png=out + "/curve.png", state_dir=out + "/state")
+    tests, config_file, out, manifest = sys.argv[1:5]
+    sys.path.insert(0, tests)
+    from conftest import fake_snakemake, run_workflow_script
+    job = fake_snakemake("train_teacher", yaml.safe_load(open(config_file)), log=out + "/run.log",
+                         input={"manifest": manifest}, params={"state_dir": out + "/state"},
+                         output={"model": out + "/model.pth", "log_jsonl": out + "/log.jsonl", "curve": out + "/curve.png"})
+    run_workflow_script("train_teacher.py", job)
 """)
 
 
@@ -190,16 +213,27 @@ def _run_teacher(tmp: Path, config: dict, manifest: Path, name: str) -> subproce
     out = tmp / name
     out.mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", RUN_TEACHER, str(cfg), str(out), str(out / "run.log"), str(manifest)],
-                            env=env, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", RUN_TEACHER_JOB, str(REPO / "tests"), str(cfg), str(out), str(manifest)],
+                            env=env, start_new_session=True, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_teacher_resumes_to_the_same_weights(dataset, tmp_path, sig):
-    config = tiny_config(dataset["config"]["data_root"], train={"epochs": 3, "iters": 2, "eval_every": 0})
-    reference = _run_teacher(tmp_path, config, dataset["manifest"], "reference")
+def resume_config(dataset: dict) -> dict:
+    return tiny_config(dataset["config"]["data_root"], train={"epochs": 3, "iters": 2, "eval_every": 0})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_teacher(dataset, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    reference = _run_teacher(tmp, resume_config(dataset), dataset["manifest"], "reference")
     assert reference.wait(timeout=600) == 0
+    return tmp / "reference"
 
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_killed_teacher_resumes_to_the_same_weights(dataset, uninterrupted_teacher, tmp_path, sig, status):
+    """A training job killed after an epoch resumes to the weights of an uninterrupted run; SIGTERM
+    and SIGINT stop the job with status 143 / 130 and a warning, without a 'failed' traceback."""
+    config = resume_config(dataset)
     proc = _run_teacher(tmp_path, config, dataset["manifest"], "killed")
     state = tmp_path / "killed" / "state" / "state.pth"
     deadline = time.time() + 600
@@ -208,18 +242,22 @@ def test_killed_teacher_resumes_to_the_same_weights(dataset, tmp_path, sig):
     assert state.exists(), "no epoch state was saved"
     os.killpg(proc.pid, sig)
     code = proc.wait(timeout=120)
-    assert code != 0
+    assert code == status
     assert not (tmp_path / "killed" / "model.pth").exists()
+    log_text = (tmp_path / "killed" / "run.log").read_text()
+    if sig != signal.SIGKILL:
+        assert "stopping teacher" in log_text and f"stopped by {signal.Signals(sig).name}" in log_text, log_text
+        assert "failed" not in log_text and "Traceback" not in log_text, log_text
 
     resumed = _run_teacher(tmp_path, config, dataset["manifest"], "killed")
     assert resumed.wait(timeout=600) == 0
     assert "resuming teacher" in (tmp_path / "killed" / "run.log").read_text()
-    a = torch.load(tmp_path / "reference" / "model.pth", weights_only=False)["state_dict"]
+    a = torch.load(uninterrupted_teacher / "model.pth", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "model.pth", weights_only=False)["state_dict"]
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
     log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == ["untrained", 0, 1, 2]
+    assert [r["epoch"] for r in log] == [None, 0, 1, 2]
 
 
 def test_keep_best_outputs_the_best_evaluated_epoch(dataset, tmp_path):
@@ -231,7 +269,7 @@ def test_keep_best_outputs_the_best_evaluated_epoch(dataset, tmp_path):
     log = [json.loads(line) for line in paths["log_jsonl"].read_text().splitlines()]
     evaluated = {r["epoch"]: r["mAP"] for r in log if isinstance(r["epoch"], int)}
     model = load_model_checkpoint(paths["model_out"], torch.device("cpu"))
-    from purireid.stages.trainer import evaluate_model
-    got = evaluate_model(model, read_manifest(dataset["manifest"]), config, DistContext())["mAP"]
+    got = evaluate_model(model, read_manifest(dataset["manifest"]), config, DistContext(), rerank=False,
+                         max_rank=1)["mAP"]
     assert got == pytest.approx(max(evaluated.values()), abs=1e-6)
     assert not (paths["state_dir"] / "best.pth").exists()

@@ -1,10 +1,12 @@
-"""Data layer: dataset registry, prepare stage, synthetic generator, transforms, samplers, loaders."""
+"""Data layer: dataset registry, manifest, archive extraction and image validation, synthetic
+generator, transforms, samplers, loaders (the prepare stage itself is purireid.stages.prepare_dataset)."""
 
 from purireid.data.datasets import (
     DATASET_INFO, DATASETS, SPLITS, DatasetError, Record, dataset_folder, load_dataset,
     read_manifest, write_manifest,
 )
 from purireid.data.loaders import TrainLoader, build_image_cache, build_test_loader
+from purireid.data.prepare import extract_archive, validate_images
 from purireid.data.samplers import (
     CameraAwareSampler, MultiInstanceSampler, RandomMultiInstanceSampler, build_sampler,
 )
@@ -15,15 +17,7 @@ __all__ = [
     "DATASET_INFO", "DATASETS", "SPLITS", "CameraAwareSampler", "DatasetError",
     "MultiInstanceSampler", "RandomMultiInstanceSampler", "Record", "TestTransform", "TrainLoader",
     "TrainTransform", "build_image_cache", "build_sampler", "build_test_loader", "dataset_folder",
-    "extract_archive", "generate_synthetic", "load_dataset", "prepare_dataset", "read_manifest",
+    "extract_archive", "generate_synthetic", "load_dataset", "read_manifest", "validate_images",
     "write_manifest",
 ]
 
-
-def __getattr__(name: str):
-    # Imported lazily so `python -m purireid.data.prepare` does not import the module twice.
-    if name in ("prepare_dataset", "extract_archive"):
-        from purireid.data import prepare
-
-        return getattr(prepare, name)
-    raise AttributeError(f"module 'purireid.data' has no attribute '{name}'")

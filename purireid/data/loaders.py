@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +31,10 @@ from purireid.data.transforms import (
     AugParams, augment_batch, augment_pil, load_resized, normalise_batch, sample_augmentation,
     to_normalised_tensor,
 )
-from purireid.io import atomic_path
+from purireid.io import atomic_path, disk_full_error
 
 CACHE_VERSION = 1
+_CACHE_CHUNK = 256  # rows decoded ahead of the writer
 
 
 # --------------------------------------------------------------------------- image cache
@@ -41,8 +43,8 @@ def cache_key(records: Sequence[Record], data_root: str | Path, height: int, wid
     digest = hashlib.sha256(f"v{CACHE_VERSION} {height}x{width}\n".encode())
     root = Path(data_root)
     for rec in records:
-        st = os.stat(root / rec.path)
-        digest.update(f"{rec.path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        info = os.stat(root / rec.path)
+        digest.update(f"{rec.path}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -51,26 +53,34 @@ def build_image_cache(records: Sequence[Record], data_root: str | Path, cache_di
     """Path of the uint8 [N, height, width, 3] .npy of the bicubic-resized images (built if absent).
 
     Written atomically (temporary file renamed into place); concurrent builders are harmless.
+    The rows are written in order through a file, never through a memory map of a sparse file
+    (where a full disk kills the process with SIGBUS): a full disk, found by a check of the
+    free space first or by the write itself, raises purireid.io.DiskFullError naming the file.
     """
-    from tqdm import tqdm
+    from purireid.log import Progress
 
     path = Path(cache_dir) / f"images-{height}x{width}-{cache_key(records, data_root, height, width)}.npy"
     if path.is_file():
         return path
     root = Path(data_root)
     n = len(records)
-    with atomic_path(path) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (n, height, width, 3)}
+    needed = n * height * width * 3 + 4096  # rows + the .npy header
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(path.parent).free < needed:
+        raise disk_full_error(path, needed)
 
-        def fill(i: int) -> None:  # PIL releases the GIL while decoding and resizing
-            arr[i] = np.asarray(load_resized(root / records[i].path, height, width))
+    def load(i: int) -> np.ndarray:  # PIL releases the GIL while decoding and resizing
+        return np.asarray(load_resized(root / records[i].path, height, width), dtype=np.uint8)
 
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for _ in tqdm(pool.map(fill, range(n)), total=n, desc="caching images", unit="img",
-                          disable=not progress):
-                pass
-        arr.flush()
-        del arr
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle, ThreadPoolExecutor(max(1, workers)) as pool, \
+            Progress(n, "caching images", unit="img", enabled=progress) as bar:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for start in range(0, n, _CACHE_CHUNK):  # in order, a bounded number of decoded rows at a time
+            rows = list(pool.map(load, range(start, min(n, start + _CACHE_CHUNK))))
+            handle.write(np.stack(rows).tobytes())
+            bar.update(len(rows))
     return path
 
 
@@ -94,22 +104,22 @@ class _TrainBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, k: int):
-        ld = self.loader
-        rng = epoch_rng(ld.seed, self.epoch, 1, k)
-        params = sample_augmentation(rng, ld.batch_size, ld.height, ld.width)
-        b = ld.batch_size // ld.world_size
-        sl = slice(ld.rank * b, (ld.rank + 1) * b)
-        params = params.take(sl)
-        idx = self.batches[k, sl]
-        if ld.use_cache:
+        loader = self.loader
+        rng = epoch_rng(loader.seed, self.epoch, 1, k)
+        params = sample_augmentation(rng, loader.batch_size, loader.height, loader.width)
+        b = loader.batch_size // loader.world_size
+        rows = slice(loader.rank * b, (loader.rank + 1) * b)
+        params = params.take(rows)
+        idx = self.batches[k, rows]
+        if loader.use_cache:
             if self._cache is None:  # opened lazily: once per worker process
-                self._cache = open_image_cache(ld.cache_path)
+                self._cache = open_image_cache(loader.cache_path)
             # Workers only gather uint8 rows (4x less to ship than float); the main process
             # augments the batch on `device` (the GPU when there is one).
             return torch.from_numpy(self._cache[idx]), torch.from_numpy(idx), params
-        root = Path(ld.data_root)
+        root = Path(loader.data_root)
         images = torch.stack([
-            augment_pil(load_resized(root / ld.records[i].path, ld.height, ld.width), params, j)
+            augment_pil(load_resized(root / loader.records[i].path, loader.height, loader.width), params, j)
             for j, i in enumerate(idx)])
         return images, torch.from_numpy(idx)
 

@@ -1,15 +1,10 @@
-"""The prepare-dataset stage: extract (safely), validate, write manifest.csv + summary JSON.
-
-    python -m purireid.data.prepare --dataset market1501 --data-root data \
-        --manifest results/market1501/data/manifest.csv --summary results/market1501/data/summary.json
-"""
+"""What the prepare_dataset stage (purireid.stages.prepare_dataset) does to a dataset folder:
+safe archive extraction, decoding every image in parallel, the published-count check, the summary."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -18,10 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from purireid.data.datasets import (
-    DATASET_INFO, SPLITS, DatasetError, Record, dataset_folder, load_dataset, write_manifest,
-)
-from purireid.io import write_json_atomic
+from purireid.data.datasets import DATASET_INFO, SPLITS, DatasetError, Record
 
 MAX_LISTED = 10
 
@@ -101,14 +93,13 @@ def _check_chunk(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 def validate_images(paths: Sequence[str | Path], workers: int = 4, progress: bool = True) -> None:
     """Decode every image in parallel (progress bar); raise DatasetError naming the bad ones."""
-    from tqdm import tqdm
+    from purireid.log import Progress
 
     paths = [str(p) for p in paths]
     chunk = 256
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     bad: list[tuple[str, str]] = []
-    bar = tqdm(total=len(paths), desc="decoding images", unit="img", disable=not progress,
-               file=sys.stderr)
+    bar = Progress(len(paths), "decoding images", unit="img", enabled=progress)  # a bar on a terminal only
     if workers <= 1 or len(chunks) <= 1:
         for c in chunks:
             bad += _check_chunk(c)
@@ -147,105 +138,3 @@ def check_published_counts(name: str, splits: Mapping[str, Sequence[Record]]) ->
 def summarise(splits: Mapping[str, Sequence[Record]]) -> dict[str, Any]:
     return {s: {"images": len(splits[s]), "ids": len({r.pid for r in splits[s]}),
                 "cameras": len({r.camid for r in splits[s]})} for s in SPLITS}
-
-
-# --------------------------------------------------------------------------- the stage
-def prepare_dataset(name: str, data_root: str | Path, manifest_path: str | Path,
-                    summary_path: str | Path, *, archive: str | Path | None = None,
-                    check_counts: bool = True, folder_name: str | None = None, workers: int = 4,
-                    synthetic: Mapping[str, Any] | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-    """Locate (extract / generate), validate and index dataset `name`; returns the summary.
-
-    `synthetic`: the config's `synthetic` section (generator parameters) for name 'synthetic';
-    the folder is (re)generated when absent or made with other parameters.
-    """
-    from purireid.log import get_logger
-
-    log = get_logger("prepare")
-    data_root = Path(data_root)
-    base = dataset_folder(name, data_root, folder_name)
-    if name == "synthetic":
-        from purireid.data.synthetic import generate_synthetic, synthetic_params_match
-
-        params = {"num_train_ids": 100, "num_test_ids": 50, "images_per_id": 15, "num_cameras": 6,
-                  "height": 128, "width": 64, "seed": 0, **dict(synthetic or {})}
-        if not synthetic_params_match(base, **params):
-            log.info("generating the synthetic dataset in %s (%s)", base, params)
-            generate_synthetic(base, **params)
-    elif not base.is_dir():
-        if archive is None:
-            info = DATASET_INFO[name]
-            hint = (f"download {info.url_hint}; either extract {info.archive} into "
-                    f"{base.parent} or set config key 'prepare.archive' to the archive's path")
-            raise DatasetError(
-                f"dataset folder {base} not found.\n  expected: {base} with the dataset's folders\n"
-                f"  fix: {hint if info.archive else 'put your images there in the Market-1501 layout'}")
-        log.info("extracting %s into %s", archive, base.parent)
-        tops = extract_archive(archive, base.parent)
-        if not base.is_dir():
-            raise DatasetError(
-                f"{archive} does not contain the folder '{base.name}' at its top level.\n"
-                f"  expected: {base.name}/\n  found:    {tops}\n"
-                f"  fix: use the original archive ({DATASET_INFO[name].archive or 'any'})")
-    splits = load_dataset(name, data_root, folder_name=folder_name)
-    for split in SPLITS:
-        if not splits[split]:
-            raise DatasetError(f"{base}: split '{split}' has no images; expected at least one")
-    if check_counts:
-        check_published_counts(name, splits)
-    all_paths = [data_root / r.path for s in SPLITS for r in splits[s]]
-    log.info("decoding %d images with %d workers", len(all_paths), workers)
-    validate_images(all_paths, workers=workers, progress=progress)
-    summary = {"dataset": name, "folder": base.relative_to(data_root).as_posix(),
-               "data_root": str(data_root), "counts_checked": bool(check_counts and DATASET_INFO[name].counts),
-               "splits": summarise(splits)}
-    write_manifest(manifest_path, splits)
-    write_json_atomic(summary_path, summary)
-    log.info("wrote %s: %s", manifest_path, summary["splits"])
-    return summary
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[], help="YAML config file(s); CLI flags override")
-    parser.add_argument("--dataset")
-    parser.add_argument("--data-root")
-    parser.add_argument("--manifest", help="default: <results_dir>/<dataset>/data/manifest.csv")
-    parser.add_argument("--summary", help="default: beside the manifest, summary.json")
-    parser.add_argument("--archive")
-    parser.add_argument("--folder-name")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--no-check-counts", action="store_true")
-    args = parser.parse_args(argv)
-
-    from purireid.config import load_config
-    from purireid.log import setup_logging
-
-    overrides: dict[str, Any] = {"prepare": {}}
-    if args.dataset:
-        overrides["dataset"] = args.dataset
-    if args.data_root:
-        overrides["data_root"] = args.data_root
-    for key, value in (("archive", args.archive), ("folder_name", args.folder_name), ("workers", args.workers)):
-        if value is not None:
-            overrides["prepare"][key] = value
-    if args.no_check_counts:
-        overrides["prepare"]["check_counts"] = False
-    cfg = load_config(*args.config, overrides=overrides)
-    manifest = Path(args.manifest or Path(cfg["results_dir"]) / cfg["dataset"] / "data" / "manifest.csv")
-    summary = Path(args.summary or manifest.with_name("summary.json"))
-    setup_logging()
-    try:
-        prepare_dataset(cfg["dataset"], cfg["data_root"], manifest, summary,
-                        archive=cfg["prepare"]["archive"], check_counts=cfg["prepare"]["check_counts"],
-                        folder_name=cfg["prepare"]["folder_name"], workers=cfg["prepare"]["workers"],
-                        synthetic=cfg["synthetic"])
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

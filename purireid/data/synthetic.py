@@ -18,7 +18,6 @@ byte-identical for a seed whatever the order of generation.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
@@ -29,6 +28,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from purireid.config import schema_defaults
+from purireid.io import current_umask
 
 GENERATOR_VERSION = 1
 
@@ -42,7 +44,7 @@ SKIN = np.array([[240, 205, 180], [210, 160, 120], [160, 110, 75], [100, 65, 45]
 HAIR = np.array([[15, 12, 10], [70, 45, 25], [190, 160, 90], [120, 120, 120]], np.float32)
 UPPER_PATTERNS = ("solid", "hstripe", "vstripe", "check", "logo")
 LOWER_TYPES = ("trousers", "shorts", "skirt")
-VIEWS = ("front", "back", "side")
+VIEWPOINTS = ("front", "back", "side")  # of the rendered person; not the model's views (purireid.VIEWS)
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
@@ -130,7 +132,7 @@ def _render(rng: np.random.Generator, ident: dict[str, Any] | None, cam: dict[st
         ph = h * scale
         y0 = (h - ph) / 2 + rng.normal(0, 0.04) * h - (0 if not junk else rng.uniform(0, ph * 0.5))
         cx = w / 2 + rng.normal(0, 0.07) * w
-        view = VIEWS[rng.choice(3, p=cam["views"])]
+        view = VIEWPOINTS[rng.choice(3, p=cam["views"])]
         pw = ph * 0.34 * ident["build"] * (0.62 if view == "side" else 1.0)
         u = (xs - cx) / pw
         v = (ys - y0) / ph
@@ -230,25 +232,26 @@ def _camera_split(rng: np.random.Generator, n_images: int, num_cameras: int, min
     return sorted(base + rest)
 
 
-def generate_synthetic(out_dir: str | Path, *, num_train_ids: int = 100, num_test_ids: int = 50,
-                       images_per_id: int = 15, num_cameras: int = 6, height: int = 128,
-                       width: int = 64, seed: int = 0, camera_strength: float = 1.0,
-                       near_duplicate_rate: float = 0.35) -> dict[str, Any]:
+def generate_synthetic(out_dir: str | Path, **params: Any) -> dict[str, Any]:
     """Write the dataset to `out_dir` (bounding_box_train/, query/, bounding_box_test/, synthetic.json).
 
-    `camera_strength` scales the colour cast / gain / bias / gamma / background differences
-    between cameras (1 = full, 0 = none; blur, noise, JPEG quality and viewpoint mix always
-    differ); `near_duplicate_rate` is the probability that an identity shares its upper or
-    lower clothing (or both) with an earlier one. The defaults reproduce generator version 1.
+    `params`: any keys of the config's `synthetic` section (num_train_ids, num_test_ids,
+    images_per_id, num_cameras, height, width, seed, camera_strength, near_duplicate_rate);
+    the others take the schema's defaults (purireid/schemas/config.schema.yaml), which
+    reproduce generator version 1. `camera_strength` scales the colour cast / gain / bias /
+    gamma / background differences between cameras (1 = full, 0 = none; blur, noise, JPEG
+    quality and viewpoint mix always differ); `near_duplicate_rate` is the probability that
+    an identity shares its upper or lower clothing (or both) with an earlier one.
 
     Built in a temporary sibling folder and renamed into place, so a killed run leaves no
     half-written dataset. Returns the summary also written to synthetic.json.
     """
     out_dir = Path(out_dir)
-    params = {"num_train_ids": num_train_ids, "num_test_ids": num_test_ids,
-              "images_per_id": images_per_id, "num_cameras": num_cameras, "height": height,
-              "width": width, "seed": seed, "camera_strength": float(camera_strength),
-              "near_duplicate_rate": float(near_duplicate_rate), "version": GENERATOR_VERSION}
+    params = synthetic_params(**params)
+    num_train_ids, num_test_ids = params["num_train_ids"], params["num_test_ids"]
+    images_per_id, num_cameras = params["images_per_id"], params["num_cameras"]
+    height, width, seed = params["height"], params["width"], params["seed"]
+    camera_strength, near_duplicate_rate = params["camera_strength"], params["near_duplicate_rate"]
     if camera_strength < 0:
         raise ValueError(f"camera_strength must be >= 0, got {camera_strength}")
     if not 0.0 <= near_duplicate_rate <= 1.0:
@@ -259,6 +262,7 @@ def generate_synthetic(out_dir: str | Path, *, num_train_ids: int = 100, num_tes
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the renamed folder
     counts = {"train": 0, "query": 0, "gallery": 0, "distractors": 0, "junk": 0}
     frame = 0
 
@@ -317,8 +321,21 @@ def generate_synthetic(out_dir: str | Path, *, num_train_ids: int = 100, num_tes
     return summary
 
 
+def synthetic_params(**params: Any) -> dict[str, Any]:
+    """The generator's full parameters: `params` over the schema's defaults, plus the version."""
+    defaults = schema_defaults("synthetic")
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown synthetic generator parameter(s) {unknown}; known: {sorted(defaults)}")
+    full = {**defaults, **params}
+    for key in ("camera_strength", "near_duplicate_rate"):  # stored as floats
+        full[key] = float(full[key])
+    return {**full, "version": GENERATOR_VERSION}
+
+
 def synthetic_params_match(out_dir: str | Path, **params: Any) -> bool:
-    """True if `out_dir` holds a complete dataset generated with exactly these parameters."""
+    """True if `out_dir` holds a complete dataset generated with exactly these parameters
+    (those left out taking the schema's defaults, as they did when generating)."""
     meta = Path(out_dir) / "synthetic.json"
     if not meta.is_file():
         return False
@@ -326,10 +343,4 @@ def synthetic_params_match(out_dir: str | Path, **params: Any) -> bool:
         stored = json.loads(meta.read_text())["params"]
     except (ValueError, KeyError):
         return False
-    # Parameters left out take generate_synthetic's defaults (as they did when generating).
-    defaults = {k: p.default for k, p in inspect.signature(generate_synthetic).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    expected = {**defaults, **params, "version": GENERATOR_VERSION}
-    for key in ("camera_strength", "near_duplicate_rate"):  # stored as floats
-        expected[key] = float(expected[key])
-    return stored == expected
+    return stored == synthetic_params(**params)

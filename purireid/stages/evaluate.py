@@ -1,120 +1,83 @@
-"""Stage: query/gallery evaluation of a checkpoint (SPEC §8): eval.json, a CMC plot, ranked lists."""
+"""Stage evaluate: query/gallery evaluation of a checkpoint (SPEC §8): eval.json, a CMC plot, ranked lists."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+import torch
 
-from purireid.data import Record, read_manifest
+from purireid.data import read_manifest
 from purireid.distributed import DistContext, launch
-from purireid.io import atomic_path, sha256_file, write_json_atomic
+from purireid.evaluation import headline_metrics
+from purireid.io import sha256_file, write_json_atomic
 from purireid.log import get_logger
-from purireid.stages.common import load_model_checkpoint, write_resolved_config
-from purireid.stages.trainer import cache_dir_for, evaluate_model
+from purireid.stages.checkpoints import load_model_checkpoint
+from purireid.stages.inference import cache_dir_for, evaluate_model
+from purireid.stages.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
 
 log = get_logger("evaluate")
 
-RANKED_LIST_LENGTH = 10
-# Extra candidates fetched so that same-pid-same-camera matches, which the protocol
-# ignores, can be skipped in the picture.
-RANKED_LIST_FETCH = 30
+# eval.json's statement of its units (the summary table and the report show percentages).
+UNITS = "mAP, mINP, rank1, rank5, rank10 and cmc are fractions in [0, 1]; x100 for %"
 
 
-def plot_cmc(path: str | Path, cmc: Sequence[float], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranks = np.arange(1, len(cmc) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(ranks, 100 * np.asarray(cmc), marker=".")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("matching rate (%)")
-    ax.set_title(title)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-
-
-def ranked_list_picture(path: str | Path, data_root: str | Path, query: Sequence[Record], gallery: Sequence[Record],
-                        topk_indices: np.ndarray, query_rows: Sequence[int], *, tile: tuple[int, int] = (64, 128)) -> None:
-    """One row per query: the query, then its top gallery images framed green (match) or red."""
-    width, height = tile
-    border, gap = 4, 6
-    cell_w, cell_h = width + 2 * border, height + 2 * border
-    canvas = Image.new("RGB", (gap + (cell_w + gap) * (RANKED_LIST_LENGTH + 1) + gap,
-                               gap + (cell_h + gap) * max(1, len(query_rows))), "white")
-    draw = ImageDraw.Draw(canvas)
-    root = Path(data_root)
-
-    def framed(record: Record, colour: str) -> Image.Image:
-        with Image.open(root / record.path) as img:
-            return ImageOps.expand(img.convert("RGB").resize((width, height), Image.BICUBIC), border=border, fill=colour)
-
-    for row, q in enumerate(query_rows):
-        y = gap + row * (cell_h + gap)
-        canvas.paste(framed(query[q], "black"), (gap, y))
-        shown = 0
-        for g in topk_indices[q]:
-            if g < 0:  # fewer valid gallery images than requested
-                break
-            match = gallery[g].pid == query[q].pid
-            if match and gallery[g].camid == query[q].camid:
-                continue  # not counted by the protocol
-            x = gap + (shown + 1) * (cell_w + gap) + gap
-            canvas.paste(framed(gallery[g], "green" if match else "red"), (x, y))
-            shown += 1
-            if shown == RANKED_LIST_LENGTH:
-                break
-        draw.line([(cell_w + gap + gap // 2 + 1, y), (cell_w + gap + gap // 2 + 1, y + cell_h)], fill="grey", width=2)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+def checkpoint_role(checkpoint: Path) -> str | None:
+    """What the checkpoint was trained as ("teacher", "student", "supervised", ...), if recorded."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    return stored.get("role") if isinstance(stored, dict) else None
 
 
 def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_json: Path, cmc_png: Path,
-            ranked_png: Path, *, ctx: DistContext) -> None:
+            ranked_png: Path, model_name: str, *, ctx: DistContext) -> None:
     splits = read_manifest(manifest)
     model = load_model_checkpoint(checkpoint, ctx.device)
-    metrics = evaluate_model(model, splits, config, ctx, topk=RANKED_LIST_FETCH, cache_dir=cache_dir_for(manifest))
+    settings = config["evaluate"]
+    metrics = evaluate_model(model, splits, config, ctx, rerank=settings["rerank"], max_rank=settings["max_rank"],
+                             topk=RANKED_LIST_FETCH, cache_dir=cache_dir_for(manifest))
     if not ctx.is_main:
         return
     cmc = [float(c) for c in metrics["cmc"]]
+    dataset = config["dataset"]
     result = {
-        "mAP": float(metrics["mAP"]),
-        "rank1": cmc[0],
-        "rank5": cmc[min(4, len(cmc) - 1)],
-        "rank10": cmc[min(9, len(cmc) - 1)],
+        "dataset": dataset,
+        "model": model_name,  # results/<dataset>/<model>/
+        "role": checkpoint_role(checkpoint),
+        "units": UNITS,
+        **headline_metrics(metrics),
         "cmc": cmc,
         "num_queries": len(splits["query"]),
         "num_valid_queries": int(metrics["num_valid_queries"]),
         "num_gallery": len(splits["gallery"]),
-        "rerank": bool(config["evaluate"]["rerank"]),
+        "rerank": bool(settings["rerank"]),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
     }
-    title = f"{config['dataset']}: {checkpoint.parent.name} (mAP {100 * result['mAP']:.1f}%)"
-    plot_cmc(cmc_png, cmc, title)
-    count = min(config["evaluate"]["num_ranked_queries"], len(splits["query"]))
+    accuracy = f"mAP {100 * result['mAP']:.1f}%, Rank-1 {100 * result['rank1']:.1f}%"
+    plot_cmc(cmc_png, cmc, f"{dataset}: CMC of the {model_name} ({accuracy})")
+    count = min(settings["num_ranked_queries"], len(splits["query"]))
     rows = np.linspace(0, len(splits["query"]) - 1, num=count).round().astype(int).tolist() if count else []
     ranked_list_picture(ranked_png, config["data_root"], splits["query"], splits["gallery"],
-                        np.asarray(metrics["topk_indices"]), rows)
-    write_resolved_config(eval_json, config)
+                        np.asarray(metrics["topk_indices"]), rows,
+                        title=f"{dataset}: {model_name}, ranked lists of {count} queries ({accuracy})")
     write_json_atomic(eval_json, result)
-    log.info("%s: mAP %.1f%%  Rank-1 %.1f%%  Rank-5 %.1f%%  Rank-10 %.1f%% (%d queries)", checkpoint,
-             100 * result["mAP"], 100 * result["rank1"], 100 * result["rank5"], 100 * result["rank10"],
-             result["num_queries"])
+
+    def pct(key: str) -> str:
+        return "n/a" if result[key] is None else f"{100 * result[key]:.1f}%"
+
+    log.info("%s (%s): mAP %s  mINP %s  Rank-1 %s  Rank-5 %s  Rank-10 %s (%d queries with a true match)",
+             model_name, checkpoint, *(pct(k) for k in ("mAP", "mINP", "rank1", "rank5", "rank10")),
+             result["num_valid_queries"])
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, checkpoint: str | Path, eval_json: str | Path,
-        cmc_png: str | Path, ranked_png: str | Path) -> None:
+        cmc_png: str | Path, ranked_png: str | Path, model: str | None = None) -> None:
+    """`config`: at least the keys purireid.config.stage_config(config, "evaluate") holds.
+    `model`: the name eval.json and the pictures give the model (default: the checkpoint's
+    folder, results/<dataset>/<model>/model.pth)."""
+    checkpoint = Path(checkpoint)
     # One process: the rule asks for one GPU (evaluation is a single pass over query + gallery).
-    launch(_worker, dict(config), Path(manifest), Path(checkpoint), Path(eval_json), Path(cmc_png), Path(ranked_png),
-           world_size=1, device=config["device"])
+    launch(_worker, dict(config), Path(manifest), checkpoint, Path(eval_json), Path(cmc_png), Path(ranked_png),
+           model or checkpoint.parent.name, world_size=1, device=config["device"])

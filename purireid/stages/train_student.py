@@ -1,4 +1,5 @@
-"""Stage: train the student, distilled from the teacher (SPEC §5)."""
+"""Stage train_student: a fresh model trained like the teacher after a warm-up epoch on the
+teacher's features, and distilled from the teacher (SPEC §5)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch
 
 from purireid.data import read_manifest
 from purireid.distributed import DistContext, launch
-from purireid.features import read_features_h5
 from purireid.io import sha256_file
-from purireid.stages.common import load_model_checkpoint
+from purireid.stages.checkpoints import load_model_checkpoint, read_teacher_features
 from purireid.stages.trainer import TeacherGuidance, per_process_bn_groups, train
 
 
@@ -20,7 +20,8 @@ def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoin
             teacher_features: Path, *, ctx: DistContext) -> None:
     checkpoint_sha = sha256_file(teacher_checkpoint)
     train_paths = [r.path for r in read_manifest(paths["manifest"])["train"]]
-    stored = read_features_h5(teacher_features, expected_checkpoint_sha256=checkpoint_sha, expected_paths=train_paths)
+    stored = read_teacher_features(teacher_features, expected_checkpoint_sha256=checkpoint_sha,
+                                   expected_paths=train_paths)
     teacher_model = load_model_checkpoint(
         teacher_checkpoint, ctx.device, bn_groups=per_process_bn_groups(config["model"]["bn_groups"], ctx.world_size))
     for p in teacher_model.parameters():
@@ -28,14 +29,19 @@ def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoin
     if ctx.device.type == "cuda" and config["train"]["channels_last"]:
         teacher_model.to(memory_format=torch.channels_last)
     guidance = TeacherGuidance(model=teacher_model, features=stored["features"], checkpoint_sha256=checkpoint_sha)
-    train(config, **paths, ctx=ctx, teacher=guidance, role="student")
+    train(config, **paths, ctx=ctx, teacher=guidance)
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, teacher_checkpoint: str | Path,
         teacher_features: str | Path, model_out: str | Path, log_jsonl: str | Path, curve_png: str | Path,
-        state_dir: str | Path) -> None:
-    """Train the student from a fresh ImageNet-initialised model; resumes from `state_dir`."""
+        state_dir: str | Path, source_weights: str | Path | None = None) -> None:
+    """Train the student from a fresh ImageNet-initialised model; resumes from `state_dir`.
+
+    `config`: at least the keys purireid.config.stage_config(config, "train_student") holds.
+    `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
+    """
     paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
-             "curve_png": Path(curve_png), "state_dir": Path(state_dir)}
+             "curve_png": Path(curve_png), "state_dir": Path(state_dir),
+             "source_weights": None if source_weights is None else Path(source_weights)}
     launch(_worker, dict(config), paths, Path(teacher_checkpoint), Path(teacher_features),
            world_size=config["train"]["gpus"], device=config["device"])

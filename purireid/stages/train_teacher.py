@@ -1,4 +1,5 @@
-"""Stage: train the teacher from ImageNet initialisation (SPEC §3–§4, §6)."""
+"""Stage train_teacher: train the teacher from ImageNet initialisation on pseudo labels of its
+own features (SPEC §3–§4, §6)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from purireid.stages.trainer import train
 
 
 def _worker(config: Mapping[str, Any], paths: dict[str, Path], *, ctx: DistContext) -> None:
-    train(config, **paths, ctx=ctx, role="teacher")
+    train(config, **paths, ctx=ctx)
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Path, log_jsonl: str | Path,
-        curve_png: str | Path, state_dir: str | Path) -> None:
-    """Train the teacher; resumes from `state_dir` after an interruption."""
+        curve_png: str | Path, state_dir: str | Path, source_weights: str | Path | None = None) -> None:
+    """Train the teacher; resumes from `state_dir` after an interruption.
+
+    `config`: at least the keys purireid.config.stage_config(config, "train_teacher") holds.
+    `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
+    """
     paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
-             "curve_png": Path(curve_png), "state_dir": Path(state_dir)}
+             "curve_png": Path(curve_png), "state_dir": Path(state_dir),
+             "source_weights": None if source_weights is None else Path(source_weights)}
     launch(_worker, dict(config), paths, world_size=config["train"]["gpus"], device=config["device"])

@@ -1,7 +1,9 @@
-# Stage 5: query/gallery retrieval metrics (SPEC §8) of the teacher or the student.
+# Stage 5: query/gallery retrieval metrics (SPEC §8) of each evaluated model (teacher, student, ...).
 
 
 rule evaluate:
+    """Score a trained model on the query/gallery split: eval.json (mAP, mINP, Rank-1/5/10, CMC
+    as fractions), a CMC plot and a picture of ranked lists."""
     input:
         manifest=rules.prepare_dataset.output.manifest,
         checkpoint=out("{model}", "model.pth"),
@@ -9,26 +11,26 @@ rule evaluate:
         eval_json=report(
             out("{model}", "eval.json"),
             caption="../report/eval_json.rst",
-            category="Evaluation",
-            subcategory="{model}",
+            category=REPORT_EVALUATION,
+            subcategory=lambda w: model_subcategory(w.model),
             labels={"model": "{model}", "figure": "metrics (JSON)"},
         ),
         cmc=report(
             out("{model}", "cmc.png"),
             caption="../report/cmc.rst",
-            category="Evaluation",
-            subcategory="{model}",
+            category=REPORT_EVALUATION,
+            subcategory=lambda w: model_subcategory(w.model),
             labels={"model": "{model}", "figure": "CMC curve"},
         ),
         ranked=report(
             out("{model}", "ranked.png"),
             caption="../report/ranked.rst",
-            category="Evaluation",
-            subcategory="{model}",
+            category=REPORT_EVALUATION,
+            subcategory=lambda w: model_subcategory(w.model),
             labels={"model": "{model}", "figure": "ranked lists"},
         ),
     params:
-        config=sections("data", "model", "evaluate"),
+        config=params_of("evaluate"),
     log:
         log_path("evaluate_{model}"),
     benchmark:

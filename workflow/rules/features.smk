@@ -2,13 +2,14 @@
 
 
 rule extract_teacher_features:
+    """Extract the trained teacher's eval-mode features of every train image, three views, into HDF5."""
     input:
         manifest=rules.prepare_dataset.output.manifest,
         checkpoint=rules.train_teacher.output.model,
     output:
         features=out("teacher", "train_features.h5"),
     params:
-        config=sections("data", "model"),
+        config=params_of("extract_teacher_features"),
     log:
         log_path("extract_teacher_features"),
     benchmark:

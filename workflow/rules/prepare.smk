@@ -6,11 +6,14 @@
 
 
 rule prepare_dataset:
+    """Find, extract or generate the dataset, decode every image and write the validated
+    manifest (split, path, pid, camid) with a summary of the splits."""
     output:
         manifest=out("data", "manifest.csv"),
         summary=out("data", "summary.json"),
+        config=out("data", "config.yaml"),  # the resolved config the job ran with
     params:
-        config=prepare_params(),
+        config=params_of("prepare_dataset"),
     log:
         log_path("prepare_dataset"),
     benchmark:

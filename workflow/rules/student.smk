@@ -3,22 +3,26 @@
 
 
 rule train_student:
+    """Train the student: a warm-up epoch on the teacher's clusters, then the teacher's recipe
+    plus distillation towards the teacher; resumes after interruption."""
     input:
+        unpack(source_weights_input),
         manifest=rules.prepare_dataset.output.manifest,
         teacher_checkpoint=rules.train_teacher.output.model,
         teacher_features=rules.extract_teacher_features.output.features,
     output:
         model=out("student", "model.pth"),
         log_jsonl=out("student", "log.jsonl"),
+        config=out("student", "config.yaml"),  # the resolved config the job ran with
         curve=report(
             out("student", "curve.png"),
             caption="../report/curve.rst",
-            category="Training",
-            subcategory="student",
+            category=REPORT_TRAINING,
+            subcategory=model_subcategory("student"),
             labels={"model": "student", "figure": "training curve"},
         ),
     params:
-        config=sections("seed", "data", "model", "cluster", "train", "student"),
+        config=params_of("train_student"),
         state_dir=out("student", "state"),
     log:
         log_path("train_student"),

@@ -1,23 +1,29 @@
 # Stage 2: the teacher, trained from ImageNet weights with per-view pseudo labels (SPEC §3-§4).
 # Resume state lives in the undeclared <results>/teacher/state/ (Snakemake deletes declared
 # outputs before a job starts, so a killed or timed-out job resumes from its last epoch).
+# Its params include evaluate.rerank: the test mAP it logs, and with train.keep_best the weights
+# that become model.pth, depend on it.
 
 
 rule train_teacher:
+    """Train the teacher on per-view pseudo labels of its own features (DBSCAN over fused
+    k-reciprocal Jaccard distances), one clustering per epoch; resumes after interruption."""
     input:
+        unpack(source_weights_input),
         manifest=rules.prepare_dataset.output.manifest,
     output:
         model=out("teacher", "model.pth"),
         log_jsonl=out("teacher", "log.jsonl"),
+        config=out("teacher", "config.yaml"),  # the resolved config the job ran with
         curve=report(
             out("teacher", "curve.png"),
             caption="../report/curve.rst",
-            category="Training",
-            subcategory="teacher",
+            category=REPORT_TRAINING,
+            subcategory=model_subcategory("teacher"),
             labels={"model": "teacher", "figure": "training curve"},
         ),
     params:
-        config=sections("seed", "data", "model", "cluster", "train"),
+        config=params_of("train_teacher"),
         state_dir=out("teacher", "state"),
     log:
         log_path("train_teacher"),

@@ -9,31 +9,51 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from purireid.config import resolve_config
+from purireid.config import deep_merge, execution_settings
 from purireid.log import get_logger, setup_logging
+from purireid.stages.signals import STOPPED_STATUSES, exit_on_signals
 
 log = get_logger("workflow")
 
 
+def job_config(snakemake: Any) -> dict:
+    """The config this job runs with: its rule's `params.config` (the keys that can change its
+    outputs, validated once by the workflow) plus the execution-only keys its stage reads."""
+    return deep_merge(snakemake.params.config, execution_settings(snakemake.config, snakemake.rule))
+
+
 def run_stage(snakemake: Any, body: Callable[[dict], None], *, torch_threads: bool = True) -> None:
-    """Log to the rule's log file, resolve the config and run `body(config)`.
+    """Log to the rule's log file and run `body(job_config(snakemake))`.
 
     A failure is logged (with its traceback) to the rule's log file and to stderr, and the
-    job exits with status 1.
+    job exits with status 1. SIGTERM / SIGINT stop the job with status 143 / 130 and a
+    warning, no traceback (a training job keeps its last epoch's state and resumes).
     """
     setup_logging(snakemake.log[0])
-    name = snakemake.rule + (f" ({snakemake.wildcards.model})" if "model" in snakemake.wildcards.keys() else "")
+    wildcards = dict(snakemake.wildcards.items())
+    name = snakemake.rule + (f" ({wildcards['model']})" if "model" in wildcards else "")
     try:
-        config = resolve_config(snakemake.config)
-        if torch_threads:
-            import torch
+        with exit_on_signals():
+            config = job_config(snakemake)
+            if torch_threads:
+                import torch
 
-            torch.set_num_threads(snakemake.threads)
-        log.info("%s: %d thread(s), outputs %s", name, snakemake.threads, list(snakemake.output))
-        body(config)
-    except BaseException as err:  # noqa: BLE001 - logged, then the job fails
-        if isinstance(err, SystemExit) and not err.code:
+                torch.set_num_threads(snakemake.threads)
+            log.info("%s: %d thread(s), outputs %s", name, snakemake.threads, list(snakemake.output))
+            body(config)
+    except KeyboardInterrupt:
+        log.warning("%s: stopped by SIGINT", name)
+        raise SystemExit(130) from None
+    except SystemExit as stop:
+        if not stop.code:
             raise
+        if stop.code in STOPPED_STATUSES:
+            log.warning("%s: stopped by %s (exit status %d)", name, "SIGINT" if stop.code == 130 else "SIGTERM",
+                        stop.code)
+            raise
+        log.exception("%s failed: exit status %s", name, stop.code)
+        raise SystemExit(1) from None
+    except BaseException as err:  # noqa: BLE001 - logged, then the job fails
         log.exception("%s failed: %s", name, err)
         raise SystemExit(1) from None
     log.info("%s: done", name)

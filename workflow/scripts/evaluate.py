@@ -1,4 +1,4 @@
-"""Rule evaluate, for {model} = teacher or student."""
+"""Rule evaluate, for {model} = each of the evaluated models (teacher, student, ...)."""
 
 from _workflow import run_stage
 
@@ -13,6 +13,7 @@ def main(config: dict) -> None:
         eval_json=snakemake.output.eval_json,
         cmc_png=snakemake.output.cmc,
         ranked_png=snakemake.output.ranked,
+        model=snakemake.wildcards.model,
     )
 
 

@@ -4,9 +4,9 @@ from _workflow import run_stage
 
 
 def main(config: dict) -> None:
-    from purireid.stages import extract_features  # here, so an import error lands in the rule log
+    from purireid.stages import extract_teacher_features  # here, so an import error lands in the rule log
 
-    extract_features.run(
+    extract_teacher_features.run(
         config,
         manifest=snakemake.input.manifest,
         checkpoint=snakemake.input.checkpoint,

@@ -13,6 +13,7 @@ def main(config: dict) -> None:
         log_jsonl=snakemake.output.log_jsonl,
         curve_png=snakemake.output.curve,
         state_dir=snakemake.params.state_dir,
+        source_weights=snakemake.input.get("source_weights"),
     )
 
 

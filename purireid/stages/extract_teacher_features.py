@@ -1,4 +1,6 @@
-"""Stage: eval-mode teacher features of every train image, three views, into HDF5 (SPEC §5)."""
+"""Stage extract_teacher_features: eval-mode teacher features of every train image, three views,
+into HDF5 with their provenance: the checkpoint's hash, the image list's hash and the config
+(SPEC §5). The teacher's folder keeps the training job's config.yaml."""
 
 from __future__ import annotations
 
@@ -8,11 +10,10 @@ from typing import Any
 
 from purireid.data import read_manifest
 from purireid.distributed import DistContext, launch
-from purireid.features import write_features_h5
 from purireid.io import sha256_file
 from purireid.log import get_logger
-from purireid.stages.common import dump_yaml, load_model_checkpoint, write_resolved_config
-from purireid.stages.trainer import cache_dir_for, extract_records
+from purireid.stages.checkpoints import load_model_checkpoint, write_teacher_features
+from purireid.stages.inference import cache_dir_for, extract_records
 
 log = get_logger("extract")
 
@@ -23,13 +24,13 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, feature
     model = load_model_checkpoint(checkpoint, ctx.device)
     features = extract_records(model, records, config, ctx, "teacher features", cache_dir_for(manifest))
     if ctx.is_main:
-        write_features_h5(
+        write_teacher_features(
             features_out, features, paths=[r.path for r in records], camids=[r.camid for r in records],
-            pids=[r.pid for r in records], checkpoint_sha256=sha256_file(checkpoint), config_yaml=dump_yaml(config))
-        write_resolved_config(features_out, config)
+            pids=[r.pid for r in records], checkpoint_sha256=sha256_file(checkpoint), config=config)
         log.info("wrote %d × 3 views of %d-d features to %s", len(records), features["global"].shape[1], features_out)
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, checkpoint: str | Path, features_out: str | Path) -> None:
+    """`config`: at least the keys purireid.config.stage_config(config, "extract_teacher_features") holds."""
     launch(_worker, dict(config), Path(manifest), Path(checkpoint), Path(features_out),
            world_size=config["train"]["gpus"], device=config["device"])

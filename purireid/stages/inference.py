@@ -1,0 +1,59 @@
+"""Inference shared by the stages: eval-mode features of a list of records (sharded over the
+processes of a DDP run), query/gallery evaluation of a model, and where the decoded-image
+cache lives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from purireid.data import Record, build_test_loader
+from purireid.distributed import DistContext
+from purireid.evaluation import evaluate_features
+from purireid.features import extract_features
+
+
+def cache_dir_for(manifest: str | Path) -> Path:
+    """Decoded-image caches live beside the manifest (results/<dataset>/data/cache)."""
+    return Path(manifest).parent / "cache"
+
+
+def extract_records(model: torch.nn.Module, records: Sequence[Record], config: Mapping[str, Any],
+                    ctx: DistContext, desc: str, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Eval-mode features {view: float32 [N, D]} of `records`, in record order; under DDP each
+    rank extracts a contiguous shard with rank 0's weights and BatchNorm statistics.
+
+    Reads config keys data_root, data.{height, width, test_batch_size, workers, use_cache},
+    train.{amp, channels_last}.
+    """
+    ctx.broadcast_buffers(model)  # every rank uses rank 0's BN running statistics
+    shard = ctx.shard(len(records))
+    local = list(records[shard.start:shard.stop])
+    data = config["data"]
+    loader = build_test_loader(local, config["data_root"], height=data["height"], width=data["width"],
+                               batch_size=data["test_batch_size"], workers=data["workers"],
+                               use_cache=data["use_cache"] and cache_dir is not None, cache_dir=cache_dir,
+                               pin_memory=ctx.device.type == "cuda")
+    features = extract_features(model, loader, len(local), ctx.device, amp=config["train"]["amp"],
+                                channels_last=config["train"]["channels_last"], desc=desc)
+    return {v: ctx.all_gather_cat(f.to(ctx.device)).cpu() for v, f in features.items()}
+
+
+def evaluate_model(model: torch.nn.Module, splits: Mapping[str, Sequence[Record]], config: Mapping[str, Any],
+                   ctx: DistContext, *, rerank: bool, max_rank: int, topk: int = 0,
+                   cache_dir: Path | None = None) -> dict:
+    """mAP / CMC (ranks 1..max_rank) of the global view on query vs gallery (SPEC §8), plus the
+    `topk` best gallery indices per query when topk > 0 (see purireid.evaluation)."""
+    query = extract_records(model, splits["query"], config, ctx, "query", cache_dir)["global"]
+    gallery = extract_records(model, splits["gallery"], config, ctx, "gallery", cache_dir)["global"]
+
+    def pids_cams(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([r.pid for r in records]), np.array([r.camid for r in records])
+
+    (query_pids, query_cams), (gallery_pids, gallery_cams) = pids_cams(splits["query"]), pids_cams(splits["gallery"])
+    return evaluate_features(query, gallery, query_pids, gallery_pids, query_cams, gallery_cams,
+                             max_rank=max_rank, rerank=rerank, topk=topk)

@@ -1,0 +1,38 @@
+"""Stage train_supervised: the teacher's model and recipe trained with the TRUE train labels
+instead of pseudo labels. Two uses: the supervised reference (rule train_supervised, an upper
+bound that unsupervised papers report; its outputs are marked as using labels) and source
+pretraining (rule pretrain_source, on the source dataset's config, purireid.config.source_config)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from purireid.data import read_manifest
+from purireid.distributed import DistContext, launch
+from purireid.labels import TrueLabels
+from purireid.stages.trainer import train
+
+
+def _worker(config: Mapping[str, Any], paths: dict[str, Path], role: str, *, ctx: DistContext) -> None:
+    pids = [r.pid for r in read_manifest(paths["manifest"])["train"]]
+    labels = TrueLabels.from_pids(pids, config)
+    labels.role = role
+    train(config, **paths, ctx=ctx, label_source=labels)
+
+
+def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Path, log_jsonl: str | Path,
+        curve_png: str | Path, state_dir: str | Path, role: str = "supervised",
+        source_weights: str | Path | None = None) -> None:
+    """Train with the identities of the manifest's train split as labels; resumes from `state_dir`.
+
+    `config`: at least the keys purireid.config.stage_config(config, "train_supervised") holds.
+    `role`: what the checkpoint and the logs call the model ("supervised" or "source").
+    `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source' (the
+    supervised reference then starts where the teacher starts).
+    """
+    paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
+             "curve_png": Path(curve_png), "state_dir": Path(state_dir),
+             "source_weights": None if source_weights is None else Path(source_weights)}
+    launch(_worker, dict(config), paths, role, world_size=config["train"]["gpus"], device=config["device"])

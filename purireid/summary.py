@@ -1,0 +1,164 @@
+"""The results of a run in one table: one row per model (the untrained starting point, the
+teacher, the student, and whatever else was evaluated), from each model's eval.json and
+log.jsonl, as TSV, Markdown and an HTML fragment (the report's first screen); and what a
+log.jsonl record describes (its phase). Pure functions: the summary rule's script
+(workflow/scripts/summarise.py) reads and writes the files.
+
+Metrics are fractions in eval.json and log.jsonl; the table shows percentages.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# What a log.jsonl record describes (its "phase" field; "epoch" is an integer, or null for
+# the untrained model's evaluation).
+PHASE_UNTRAINED, PHASE_WARMUP, PHASE_TRAIN = "untrained", "warmup", "train"
+UNTRAINED = "untrained"
+METRICS = (("mAP", "mAP"), ("mINP", "mINP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"))
+TSV_COLUMNS = ("model", *(f"{key}_pct" for key, _ in METRICS), "queries", "epochs", "warmup_epochs", "train_seconds")
+
+
+def record_phase(record: Mapping[str, Any]) -> str:
+    """"untrained" (the evaluation before the first epoch), "warmup" (the student's epoch -1)
+    or "train"; also for logs written before the "phase" field (epoch "untrained" then)."""
+    if record.get("phase"):
+        return str(record["phase"])
+    epoch = record.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return PHASE_UNTRAINED
+    return PHASE_WARMUP if epoch < 0 else PHASE_TRAIN
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One model's line. Metrics are fractions (None: not measured); `train_seconds` sums the
+    labelling and optimisation time of its epochs (test evaluations excluded)."""
+
+    model: str
+    metrics: Mapping[str, float | None]
+    queries: int | None
+    epochs: int
+    warmup_epochs: int
+    train_seconds: float | None
+
+
+def _training(records: Sequence[Mapping[str, Any]]) -> tuple[int, int, float | None]:
+    phases = [record_phase(r) for r in records]
+    epochs, warmup = phases.count(PHASE_TRAIN), phases.count(PHASE_WARMUP)
+    seconds = [float(r["seconds"]) for r, p in zip(records, phases) if p != PHASE_UNTRAINED and r.get("seconds")]
+    return epochs, warmup, (sum(seconds) if seconds else None)
+
+
+def untrained_row(records: Sequence[Mapping[str, Any]], queries: int | None) -> SummaryRow | None:
+    """The evaluation before the first epoch in a training log (None if it has none)."""
+    for record in records:
+        if record_phase(record) == PHASE_UNTRAINED and record.get("mAP") is not None:
+            metrics = {key: record.get(key) for key, _ in METRICS}
+            return SummaryRow(UNTRAINED, metrics, queries, 0, 0, None)
+    return None
+
+
+def model_row(model: str, evaluation: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> SummaryRow:
+    """A trained model: its eval.json metrics and its training log's epochs and time."""
+    epochs, warmup, seconds = _training(records)
+    metrics = {key: evaluation.get(key) for key, _ in METRICS}
+    return SummaryRow(model, metrics, evaluation.get("num_valid_queries"), epochs, warmup, seconds)
+
+
+def summary_rows(models: Sequence[str], evaluations: Mapping[str, Mapping[str, Any]],
+                 logs: Mapping[str, Sequence[Mapping[str, Any]]], *, untrained_from: str = "teacher") -> list[SummaryRow]:
+    """Rows in `models` order, led by the untrained starting point of `untrained_from` (the
+    teacher's: the evaluation its training log records before the first epoch)."""
+    rows = []
+    if untrained_from in models:
+        first = untrained_row(logs.get(untrained_from, []), evaluations[untrained_from].get("num_valid_queries"))
+        if first is not None:
+            rows.append(first)
+    return rows + [model_row(m, evaluations[m], logs.get(m, [])) for m in models]
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _epochs(row: SummaryRow) -> str:
+    return f"{row.warmup_epochs} + {row.epochs}" if row.warmup_epochs else str(row.epochs)
+
+
+def _cells(row: SummaryRow) -> list[str]:
+    return [row.model, *(_pct(row.metrics.get(key)) for key, _ in METRICS),
+            "—" if row.queries is None else str(row.queries), _epochs(row), format_duration(row.train_seconds)]
+
+
+HEADERS = ("model", *(f"{name} (%)" for _, name in METRICS), "queries", "epochs", "training time")
+
+
+def notes(*, dataset: str, rerank: bool) -> list[str]:
+    """What the table's columns mean, under it."""
+    return [
+        f"Query/gallery retrieval on {dataset}, Market-1501 protocol (single query, re-ranking "
+        f"{'on' if rerank else 'off'}); percentages (eval.json and log.jsonl hold fractions).",
+        "untrained: the teacher's starting weights, evaluated before its first epoch. "
+        "queries: queries with a true match in the gallery. epochs: training epochs "
+        "(warm-up + epochs for the student, whose warm-up epoch -1 learns from the teacher's clusters). "
+        "training time: labelling and optimisation summed over the epochs, test evaluations excluded.",
+        "mINP: mean inverse negative penalty (Ye et al., TPAMI 2021), the matches of a query divided by "
+        "the rank of its last match, averaged; it rewards finding the hardest match early.",
+    ]
+
+
+def to_tsv(rows: Sequence[SummaryRow]) -> str:
+    """Machine-readable: percentages with 2 decimals, empty where not measured, seconds."""
+    lines = ["\t".join(TSV_COLUMNS)]
+    for row in rows:
+        values = [row.model, *(_pct(row.metrics.get(key), 2).replace("—", "") for key, _ in METRICS),
+                  "" if row.queries is None else str(row.queries), str(row.epochs), str(row.warmup_epochs),
+                  "" if row.train_seconds is None else f"{row.train_seconds:.1f}"]
+        lines.append("\t".join(values))
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool) -> str:
+    """The table a run prints at its end (summary.md)."""
+    lines = [f"## purireid results: {dataset}", "",
+             "| " + " | ".join(HEADERS) + " |",
+             "|:--|" + "--:|" * (len(HEADERS) - 1)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes(dataset=dataset, rerank=rerank)) + "\n"
+
+
+def to_html(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool) -> str:
+    """An HTML fragment (styles inline): the report's first screen (a column ~500 px wide) and
+    its Summary entry. Metric headers without "(%)" to fit; the first note says percentages."""
+    cell = "padding:2px 4px;border-bottom:1px solid #ddd;white-space:nowrap;text-align:{}"
+    headers = ("model", *(name for _, name in METRICS), "queries", "epochs", "training time")
+    head = "".join(f'<th style="{cell.format("left" if i == 0 else "right")}">{html.escape(h)}</th>'
+                   for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(f'<td style="{cell.format("left" if i == 0 else "right")}">{html.escape(c)}</td>'
+                         for i, c in enumerate(_cells(row))) + "</tr>"
+        for row in rows)
+    text = "".join(f'<p style="font-size:0.8em;margin:4px 0">{html.escape(n)}</p>'
+                   for n in notes(dataset=dataset, rerank=rerank))
+    return (f'<div class="purireid-summary"><p style="margin:8px 0 4px"><b>Results: {html.escape(dataset)}</b> '
+            f'(mAP, mINP, Rank-k in %)</p>'
+            f'<table style="border-collapse:collapse;font-size:0.8em;margin:0">'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{text}</div>\n")

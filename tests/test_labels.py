@@ -1,0 +1,48 @@
+"""Label sources (purireid.labels) and the trainer's labelling step built on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from purireid import VIEWS
+from purireid.distributed import DistContext
+from purireid.labels import DegenerateClustering, DegenerateLabels, TrueLabels, check_clusters, count_classes
+from purireid.stages.trainer import label_epoch
+
+
+def test_true_labels_are_relabelled_and_fixed():
+    source = TrueLabels([7, 3, 7, -1, 3, 9], batch_size=8, num_instances=4)
+    features = {v: torch.zeros(6, 2) for v in VIEWS}
+    labels = source.assign(features, epoch=0)
+    assert labels.tolist() == [1, 0, 1, -1, 0, 2]
+    assert source.assign(features, epoch=5).tolist() == labels.tolist()
+    assert source.check(labels, epoch=0) == 3
+    with pytest.raises(DegenerateLabels, match="train.batch_size=16"):
+        TrueLabels([7, 3, 7, -1, 3, 9], batch_size=16, num_instances=4).check(labels, epoch=0)
+    with pytest.raises(ValueError, match="6 true labels for 4 train records"):
+        source.assign({v: torch.zeros(4, 2) for v in VIEWS}, epoch=0)
+    assert source.fingerprint() != TrueLabels([7, 3, 9, -1, 3, 9], batch_size=8, num_instances=4).fingerprint()
+
+
+def test_label_epoch_builds_memories_from_the_sources_labels_and_features():
+    rng = np.random.default_rng(0)
+    features = {v: torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((6, 4)).astype(np.float32)),
+                                                 dim=1) for v in VIEWS}
+    source = TrueLabels([5, 5, 8, 8, 8, -1], batch_size=4, num_instances=2, features=features)
+    config = {"train": {"temperature": 0.05}}
+    targets = label_epoch(None, source, [None] * 6, config, DistContext(), epoch=0, memory_momentum=1.0)
+    assert targets.labels.tolist() == [0, 0, 1, 1, 1, -1] and targets.num_classes == 2
+    for v in VIEWS:
+        centres = torch.stack([features[v][:2].mean(0), features[v][2:5].mean(0)])
+        expected = torch.nn.functional.normalize(centres, dim=1)
+        assert torch.allclose(targets.memories[v].memory, expected, atol=1e-6), v
+        assert targets.memories[v].momentum == 1.0
+
+
+def test_cluster_check_is_a_degenerate_labels_error():
+    config = {"train": {"batch_size": 8, "num_instances": 4}, "cluster": {"eps": 0.6}}
+    assert issubclass(DegenerateClustering, DegenerateLabels)
+    assert count_classes(np.array([-1, -1])) == 0 and count_classes(np.array([0, 2, -1])) == 3
+    assert check_clusters(np.array([0, 1, -1]), config, epoch=0) == 2

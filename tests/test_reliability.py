@@ -1,0 +1,174 @@
+"""Faults a job must survive with a clear message and no damage: a full disk while saving the
+resume state or building the image cache, a truncated teacher-feature file; and outputs that
+are byte-reproducible and readable as the umask allows. (Signals: tests/test_stages.py; bad
+configs: tests/test_config.py.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fake_snakemake, run_workflow_script, tiny_config
+from purireid import VIEWS
+from purireid.data import build_image_cache, generate_synthetic, load_dataset
+from purireid.io import DiskFullError, atomic_path, torch_save_atomic, write_text_atomic
+from purireid.models import build_model
+from purireid.stages.checkpoints import (
+    FeatureFileMismatch, read_teacher_features, save_model_checkpoint, save_state, write_teacher_features,
+)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory) -> dict:
+    """A few dozen small synthetic images (more than the 256 KiB tmpfs holds once cached)."""
+    root = tmp_path_factory.mktemp("images")
+    generate_synthetic(root / "synthetic" / "Synthetic-ReID", num_train_ids=6, num_test_ids=2, images_per_id=8,
+                       num_cameras=2, height=64, width=32)
+    return {"root": root, "train": load_dataset("synthetic", root)["train"]}
+
+
+# --------------------------------------------------------------------------- D2: resume state, disk full
+
+
+def test_disk_full_saving_resume_state_names_the_file(small_tmpfs):
+    state = {"fingerprint": "x", "model": {"w": torch.zeros(200_000)}, "next_epoch_index": 1}  # 800 kB
+    with pytest.raises(DiskFullError) as info:
+        save_state(small_tmpfs / "state", state)
+    message = str(info.value)
+    assert "no space left" in message and str(small_tmpfs / "state" / "state.pth") in message, message
+    assert leftovers(small_tmpfs) == ["state"], "a temporary file was left behind"
+
+
+# --------------------------------------------------------------------------- D3: image cache, disk full
+
+
+def test_disk_full_building_the_image_cache_is_an_error_not_sigbus(small_tmpfs, tiny_images):
+    records = tiny_images["train"]  # 48 images of 64x32x3: 295 kB of rows
+    with pytest.raises(DiskFullError, match=f"no space left.*{small_tmpfs / 'cache'}"):
+        build_image_cache(records, tiny_images["root"], small_tmpfs / "cache", 64, 32, workers=1, progress=False)
+    assert not any((small_tmpfs / "cache").glob("*")), leftovers(small_tmpfs)
+
+
+def test_disk_full_while_writing_the_image_cache(small_tmpfs, tiny_images, monkeypatch):
+    """When the free-space check passes but the disk fills during the writes (another job wrote
+    meanwhile), the write fails cleanly too: no SIGBUS, no hidden temporary file."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+    with pytest.raises(DiskFullError, match="no space left"):
+        build_image_cache(tiny_images["train"], tiny_images["root"], small_tmpfs / "cache", 64, 32, workers=1,
+                          progress=False)
+    assert not any((small_tmpfs / "cache").glob("*")), leftovers(small_tmpfs)
+
+
+def test_disk_full_image_cache_lands_in_the_rule_log(small_tmpfs, tmp_path, tiny_images):
+    """The extract_teacher_features job with its manifest (and so its cache) on a full disk: the
+    rule log holds the error, naming the cache file."""
+    from purireid.data import write_manifest
+
+    config = tiny_config(tiny_images["root"], data={"height": 64, "width": 32})
+    manifest = small_tmpfs / "data" / "manifest.csv"
+    write_manifest(manifest, {"train": tiny_images["train"], "query": [], "gallery": []})
+    checkpoint = tmp_path / "model.pth"
+    torch.manual_seed(0)
+    save_model_checkpoint(checkpoint, build_model("resnet18", "none"), config)
+    log = tmp_path / "extract.log"
+    job = fake_snakemake("extract_teacher_features", config, log=log,
+                         input={"manifest": manifest, "checkpoint": checkpoint},
+                         output={"features": small_tmpfs / "teacher" / "train_features.h5"})
+    with pytest.raises(SystemExit) as info:
+        run_workflow_script("extract_teacher_features.py", job)
+    assert info.value.code == 1
+    text = log.read_text()
+    assert "extract_teacher_features failed" in text and "no space left" in text, text
+    assert str(small_tmpfs / "data" / "cache") in text, text
+    assert not any((small_tmpfs / "data" / "cache").glob("*"))
+
+
+# --------------------------------------------------------------------------- D6: truncated feature file
+
+
+def _features(n: int = 6, dim: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {v: rng.standard_normal((n, dim)).astype(np.float32) for v in VIEWS}
+
+
+def _write_features(path: Path, config: dict | None = None) -> None:
+    write_teacher_features(path, _features(), paths=[f"img{i}.jpg" for i in range(6)], camids=[0] * 6,
+                           pids=list(range(6)), checkpoint_sha256="a" * 64, config=config or {"data": {"height": 64}})
+
+
+def test_truncated_teacher_features_name_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "train_features.h5"
+    _write_features(path)
+    assert read_teacher_features(path)["features"]["global"].shape == (6, 4)
+    data = path.read_bytes()
+    for size in (len(data) // 2, 100):
+        path.write_bytes(data[:size])
+        with pytest.raises(FeatureFileMismatch) as info:
+            read_teacher_features(path)
+        message = str(info.value)
+        assert str(path) in message and "rerun extract_teacher_features" in message, message
+
+
+# --------------------------------------------------------------------------- D7: byte-reproducible outputs
+
+
+def test_checkpoints_and_feature_files_are_byte_reproducible(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none")
+    config = {"model": {"arch": "resnet18"}, "device": "cpu", "train": {"gpus": 1, "lr": 0.1}}
+    save_model_checkpoint(tmp_path / "a" / "model.pth", model, config)
+    _write_features(tmp_path / "a" / "train_features.h5", config)
+    time.sleep(1.1)  # HDF5 object headers would record the modification time, to the second
+    save_model_checkpoint(tmp_path / "b" / "model.pth", model, {**config, "device": "cuda", "train": {"gpus": 4,
+                                                                                                    "lr": 0.1}})
+    _write_features(tmp_path / "b" / "train_features.h5", config)
+    for name in ("model.pth", "train_features.h5"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    stored = torch.load(tmp_path / "a" / "model.pth", weights_only=False)
+    assert stored["config"] == {"model": {"arch": "resnet18"}, "train": {"lr": 0.1}}  # no execution-only keys
+
+
+# --------------------------------------------------------------------------- D8: modes follow the umask
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_outputs_respect_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        torch_save_atomic({"x": 1}, tmp_path / "b.pth")
+        with atomic_path(tmp_path / "c.bin") as tmp:
+            tmp.write_bytes(b"x")
+        reference = tmp_path / "plain.txt"
+        reference.write_text("x")
+        generate_synthetic(tmp_path / "synthetic", num_train_ids=2, num_test_ids=2, images_per_id=3, num_cameras=2,
+                           height=16, width=8)
+    finally:
+        os.umask(previous)
+    for name in ("a.txt", "b.pth", "c.bin", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert (tmp_path / "synthetic").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_synthetic_defaults_come_from_the_schema(tmp_path):
+    from purireid.config import schema_defaults
+    from purireid.data.synthetic import synthetic_params, synthetic_params_match
+
+    params = synthetic_params()
+    assert {k: params[k] for k in schema_defaults("synthetic")} == schema_defaults("synthetic")
+    generate_synthetic(tmp_path / "s", num_train_ids=2, num_test_ids=2, images_per_id=3, num_cameras=2, height=16,
+                       width=8)
+    assert synthetic_params_match(tmp_path / "s", num_train_ids=2, num_test_ids=2, images_per_id=3, num_cameras=2,
+                                  height=16, width=8, seed=schema_defaults("synthetic")["seed"])
+    with pytest.raises(TypeError, match="unknown synthetic generator parameter"):
+        generate_synthetic(tmp_path / "t", num_ids=3)

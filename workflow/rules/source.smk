@@ -1,0 +1,56 @@
+# Source pretraining (opt-in with model.pretrained: source): supervised training with the labels
+# of a *source* dataset (config section `source`), whose weights the teacher and the student
+# start from. Default source: the synthetic generator with its own seed, a stand-in for ImageNet
+# weights on a CPU without them; any registered dataset can be the source (e.g. Market-1501 ->
+# MSMT17, unsupervised domain adaptation). Outputs under results/<dataset>/source/.
+
+
+rule prepare_source:
+    """Find, extract or generate the source dataset and write its validated manifest."""
+    output:
+        manifest=out("source", "data", "manifest.csv"),
+        summary=out("source", "data", "summary.json"),
+    params:
+        config=params_of("prepare_source"),
+    log:
+        log_path("prepare_source"),
+    benchmark:
+        benchmark_path("prepare_source")
+    threads: SOURCE_CONFIG["prepare"]["workers"]
+    resources:
+        mem_mb=source_resources("prepare_dataset")["mem_mb"],
+        runtime=source_resources("prepare_dataset")["runtime"],
+    script:
+        "../scripts/prepare_dataset.py"
+
+
+rule pretrain_source:
+    """Train the model with the source dataset's true labels (the teacher's recipe, source.train over train)."""
+    input:
+        manifest=rules.prepare_source.output.manifest,
+    output:
+        model=out("source", "model.pth"),
+        config=out("source", "config.yaml"),  # the resolved config the job ran with
+        log_jsonl=out("source", "log.jsonl"),
+        curve=report(
+            out("source", "curve.png"),
+            caption="../report/curve.rst",
+            category=REPORT_TRAINING,
+            subcategory=model_subcategory("source"),
+            labels={"model": "source", "figure": "training curve"},
+        ),
+    params:
+        config=params_of("pretrain_source"),
+        state_dir=out("source", "state"),
+        role="source",
+    log:
+        log_path("pretrain_source"),
+    benchmark:
+        benchmark_path("pretrain_source")
+    threads: TRAIN_THREADS
+    resources:
+        mem_mb=source_resources("train_teacher")["mem_mb"],
+        runtime=source_resources("train_teacher")["runtime"],
+        gpu=TRAIN_GPUS,
+    script:
+        "../scripts/train_supervised.py"

@@ -1,0 +1,44 @@
+# Last stage: the results of every evaluated model in one table (results/<dataset>/summary.*),
+# the report's first screen, and printed at the end of a run that built anything.
+
+
+# Seconds of reading JSON: run by Snakemake itself, never submitted as a cluster job.
+localrules:
+    summary,
+
+
+rule summary:
+    """Tabulate mAP, mINP, Rank-1/5/10, queries, epochs and training time of every evaluated
+    model (and the untrained starting point) into summary.tsv / summary.md / summary.html."""
+    input:
+        eval_json=expand(out("{model}", "eval.json"), model=evaluated_models()),
+        log_jsonl=expand(out("{model}", "log.jsonl"), model=evaluated_models()),
+    output:
+        tsv=out("summary.tsv"),
+        md=out("summary.md"),
+        html=report(
+            out("summary.html"),
+            caption="../report/summary.rst",
+            category=REPORT_SUMMARY,
+            subcategory="results",
+            labels={"table": "results of every model"},
+        ),
+    params:
+        models=evaluated_models(),
+        dataset=DATASET,
+    log:
+        log_path("summary"),
+    benchmark:
+        benchmark_path("summary")
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+        gpu=0,
+    script:
+        "../scripts/summarise.py"
+
+
+# The closing table (print_summary in common.smk), after a run that built anything.
+onsuccess:
+    print_summary()
