@@ -33,6 +33,7 @@ include: "workflow/rules/supervised.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/ablation.smk"
 
 
 rule all:

@@ -9,7 +9,10 @@ supervised reference), and prints the query/gallery mAP of the starting weights 
 and the share of the start -> reference gap the student closes.
 
     python benchmarks/bench_learning.py [--variants all|NAME,...] [--seeds 1] [--cores 2]
-        [--work benchmarks/out/learning] [--configfile extra.yaml ...]
+        [--work benchmarks/out/learning] [--configfile extra.yaml ...] [--ablation]
+
+--ablation also runs `snakemake ablation` on each held-out set (the config's ablation.variants,
+sharing the default run) and prints its table, so options can be compared on unseen data.
 
 Each variant is a full Snakemake run (minutes on 2 cores); run it alone on the machine.
 """
@@ -59,15 +62,17 @@ def build_dataset(generator: str, params: dict, data_root: Path) -> None:
         generate_synthetic(target, **params)
 
 
-def run_pipeline(work: Path, seed: int, cores: int, configfiles: list[str]) -> dict:
-    """One Snakemake run of the default workflow on work/data; returns mAPs (fractions)."""
+def run_pipeline(work: Path, seed: int, cores: int, configfiles: list[str], ablation: bool = False) -> dict:
+    """One Snakemake run of the default workflow (and the ablation) on work/data; returns mAPs
+    (fractions) and, with `ablation`, the ablation's table.md."""
     results = work / f"results-seed{seed}"
     overrides = work / f"overrides-seed{seed}.yaml"
     overrides.write_text(json.dumps({"dataset": "market1501", "data_root": str(work / "data"),
                                      "results_dir": str(results), "seed": seed,
                                      "prepare": {"check_counts": False}, "supervised_reference": True}))
     cmd = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "--cores", str(cores),
-           "--workflow-profile", "none", "--configfile", *configfiles, str(overrides)]
+           "--workflow-profile", "none", "--configfile", *configfiles, str(overrides),
+           *(["all", "ablation"] if ablation else [])]
     tic = time.time()
     with open(work / f"snakemake-seed{seed}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
@@ -79,6 +84,8 @@ def run_pipeline(work: Path, seed: int, cores: int, configfiles: list[str]) -> d
     for model in ("teacher", "student", "supervised"):
         maps[model] = json.loads((out / model / "eval.json").read_text())["mAP"]
     maps["minutes"] = (time.time() - tic) / 60
+    if ablation:
+        maps["ablation"] = (out / "ablation" / "table.md").read_text()
     return maps
 
 
@@ -95,6 +102,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "out" / "learning")
     parser.add_argument("--configfile", action="append", default=[],
                         help="extra config files merged over the embedded default (e.g. to try an option)")
+    parser.add_argument("--ablation", action="store_true", help="also run and print the ablation on each set")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -113,12 +121,14 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         build_dataset(generator, params, work / "data")
         for seed in range(1, args.seeds + 1):
-            m = run_pipeline(work, seed, args.cores, configfiles)
+            m = run_pipeline(work, seed, args.cores, configfiles, ablation=args.ablation)
             summary.setdefault(name, []).append(m)
             closed = gap_closed(m)
             print(f"{name:20s} {seed:4d} {100 * m['start']:6.1f} {100 * m['teacher']:7.1f} {100 * m['student']:7.1f} "
                   f"{100 * m['supervised']:7.1f} {'n/a' if closed is None else f'{100 * closed:9.0f}%':>10s} "
                   f"{m['minutes']:5.1f}", flush=True)
+            if args.ablation:
+                print(f"\n# {name}, seed {seed}: ablation\n{m['ablation']}", flush=True)
     if args.seeds > 1:
         print("\n# mean ± standard deviation over seeds (mAP %)")
         for name, runs in summary.items():

@@ -9,6 +9,7 @@ Snakemake's rerun trigger) plus the execution-only keys of `EXECUTION_KEYS`.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -27,9 +28,15 @@ class ConfigError(ValueError):
     """A configuration value is missing, mistyped or out of range."""
 
 
+@functools.lru_cache(maxsize=1)
+def _parsed_schema() -> dict:
+    # Parsed once per process: a workflow resolves one config per variant.
+    return yaml.safe_load(resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text())
+
+
 def load_schema() -> dict:
-    text = resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text()
-    return yaml.safe_load(text)
+    """The config schema (a fresh copy: callers may fill it in)."""
+    return copy.deepcopy(_parsed_schema())
 
 
 def _validator_class():

@@ -46,7 +46,8 @@ class SummaryRow:
     train_seconds: float | None
 
 
-def _training(records: Sequence[Mapping[str, Any]]) -> tuple[int, int, float | None]:
+def training_totals(records: Sequence[Mapping[str, Any]]) -> tuple[int, int, float | None]:
+    """(training epochs, warm-up epochs, seconds of labelling and optimisation) of a training log."""
     phases = [record_phase(r) for r in records]
     epochs, warmup = phases.count(PHASE_TRAIN), phases.count(PHASE_WARMUP)
     seconds = [float(r["seconds"]) for r, p in zip(records, phases) if p != PHASE_UNTRAINED and r.get("seconds")]
@@ -64,7 +65,7 @@ def untrained_row(records: Sequence[Mapping[str, Any]], queries: int | None) -> 
 
 def model_row(model: str, evaluation: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> SummaryRow:
     """A trained model: its eval.json metrics and its training log's epochs and time."""
-    epochs, warmup, seconds = _training(records)
+    epochs, warmup, seconds = training_totals(records)
     metrics = {key: evaluation.get(key) for key, _ in METRICS}
     return SummaryRow(model, metrics, evaluation.get("num_valid_queries"), epochs, warmup, seconds)
 
@@ -95,7 +96,8 @@ def format_duration(seconds: float | None) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
+def percent(value: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage, or an em dash when not measured."""
     return "—" if value is None else f"{100 * value:.{digits}f}"
 
 
@@ -104,18 +106,23 @@ def _epochs(row: SummaryRow) -> str:
 
 
 def _cells(row: SummaryRow) -> list[str]:
-    return [row.model, *(_pct(row.metrics.get(key)) for key, _ in METRICS),
+    return [row.model, *(percent(row.metrics.get(key)) for key, _ in METRICS),
             "—" if row.queries is None else str(row.queries), _epochs(row), format_duration(row.train_seconds)]
 
 
 HEADERS = ("model", *(f"{name} (%)" for _, name in METRICS), "queries", "epochs", "training time")
 
 
+def protocol_note(*, dataset: str, rerank: bool) -> str:
+    """The first note under a results table: what was measured, and how."""
+    return (f"Query/gallery retrieval on {dataset}, Market-1501 protocol (single query, re-ranking "
+            f"{'on' if rerank else 'off'}); percentages (eval.json and log.jsonl hold fractions).")
+
+
 def notes(*, dataset: str, rerank: bool) -> list[str]:
     """What the table's columns mean, under it."""
     return [
-        f"Query/gallery retrieval on {dataset}, Market-1501 protocol (single query, re-ranking "
-        f"{'on' if rerank else 'off'}); percentages (eval.json and log.jsonl hold fractions).",
+        protocol_note(dataset=dataset, rerank=rerank),
         "untrained: the teacher's starting weights, evaluated before its first epoch. "
         "queries: queries with a true match in the gallery. epochs: training epochs "
         "(warm-up + epochs for the student, whose warm-up epoch -1 learns from the teacher's clusters). "
@@ -129,7 +136,7 @@ def to_tsv(rows: Sequence[SummaryRow]) -> str:
     """Machine-readable: percentages with 2 decimals, empty where not measured, seconds."""
     lines = ["\t".join(TSV_COLUMNS)]
     for row in rows:
-        values = [row.model, *(_pct(row.metrics.get(key), 2).replace("—", "") for key, _ in METRICS),
+        values = [row.model, *(percent(row.metrics.get(key), 2).replace("—", "") for key, _ in METRICS),
                   "" if row.queries is None else str(row.queries), str(row.epochs), str(row.warmup_epochs),
                   "" if row.train_seconds is None else f"{row.train_seconds:.1f}"]
         lines.append("\t".join(values))
@@ -148,17 +155,24 @@ def to_markdown(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool) -> st
 def to_html(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool) -> str:
     """An HTML fragment (styles inline): the report's first screen (a column ~500 px wide) and
     its Summary entry. Metric headers without "(%)" to fit; the first note says percentages."""
-    cell = "padding:2px 4px;border-bottom:1px solid #ddd;white-space:nowrap;text-align:{}"
     headers = ("model", *(name for _, name in METRICS), "queries", "epochs", "training time")
-    head = "".join(f'<th style="{cell.format("left" if i == 0 else "right")}">{html.escape(h)}</th>'
+    return html_table(f"Results: {dataset}", "(mAP, mINP, Rank-k in %)", headers, [_cells(row) for row in rows],
+                      notes(dataset=dataset, rerank=rerank), css_class="purireid-summary")
+
+
+def html_table(title: str, subtitle: str, headers: Sequence[str], cells: Sequence[Sequence[str]],
+               notes_below: Sequence[str], *, css_class: str, left_columns: int = 1) -> str:
+    """A compact HTML fragment (inline styles, escaped text): a bold title, the table (the first
+    `left_columns` columns left-aligned, numbers right-aligned) and notes under it."""
+    cell = "padding:2px 4px;border-bottom:1px solid #ddd;white-space:nowrap;text-align:{}"
+    head = "".join(f'<th style="{cell.format("left" if i < left_columns else "right")}">{html.escape(h)}</th>'
                    for i, h in enumerate(headers))
     body = "".join(
-        "<tr>" + "".join(f'<td style="{cell.format("left" if i == 0 else "right")}">{html.escape(c)}</td>'
-                         for i, c in enumerate(_cells(row))) + "</tr>"
-        for row in rows)
-    text = "".join(f'<p style="font-size:0.8em;margin:4px 0">{html.escape(n)}</p>'
-                   for n in notes(dataset=dataset, rerank=rerank))
-    return (f'<div class="purireid-summary"><p style="margin:8px 0 4px"><b>Results: {html.escape(dataset)}</b> '
-            f'(mAP, mINP, Rank-k in %)</p>'
+        "<tr>" + "".join(f'<td style="{cell.format("left" if i < left_columns else "right")}">{html.escape(c)}</td>'
+                         for i, c in enumerate(row)) + "</tr>"
+        for row in cells)
+    text = "".join(f'<p style="font-size:0.8em;margin:4px 0">{html.escape(n)}</p>' for n in notes_below)
+    return (f'<div class="{css_class}"><p style="margin:8px 0 4px"><b>{html.escape(title)}</b> '
+            f'{html.escape(subtitle)}</p>'
             f'<table style="border-collapse:collapse;font-size:0.8em;margin:0">'
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{text}</div>\n")

@@ -65,9 +65,13 @@ def changed(config: dict, key: str) -> dict:
     section, _, name = key.partition(".")
     holder, leaf = (other[section], name) if name else (other, section)
     spec = SCHEMA["properties"][section]
-    spec = spec["properties"][name] if name else spec
+    spec = spec.get("properties", {}).get(name, spec.get("additionalProperties", {})) if name else spec
     value = holder[leaf]
-    if "enum" in spec:
+    if section == "sweeps":  # a sweep (which only the ablation targets read) over another key
+        holder[leaf] = {"key": "cluster.min_samples", "values": [2, 3]}
+    elif section == "ablation":  # which variants the ablation target runs
+        holder[leaf] = value[:-1] if isinstance(value, list) else {"x": {"config": {"student": {"mu": 0.5}}}}
+    elif "enum" in spec:
         holder[leaf] = next(v for v in spec["enum"] if v != value)
     elif isinstance(value, bool):
         holder[leaf] = not value

@@ -280,3 +280,51 @@ def ranked_list_picture(path: str | Path, data_root: str | Path, query: Sequence
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return layout
+
+
+# --------------------------------------------------------------------------- ablation and sweeps
+
+
+def plot_variant_bars(path: str | Path, names: Sequence[str], maps: Sequence[float | None],
+                      rank1s: Sequence[float | None], title: str) -> None:
+    """mAP and Rank-1 (fractions) of each variant as horizontal bars, first variant on top."""
+    plt = _pyplot()
+    height = min(REPORT_MAX_SIZE[1] / FIGURE_DPI, 1.4 + 0.42 * len(names))
+    fig, ax = plt.subplots(figsize=(7.2, height))
+    ys = np.arange(len(names))[::-1]
+    for offset, values, label in ((0.2, maps, "mAP"), (-0.2, rank1s, "Rank-1")):
+        widths = [0.0 if v is None else 100 * v for v in values]
+        bars = ax.barh(ys + offset, widths, height=0.38, label=label)
+        ax.bar_label(bars, labels=["—" if v is None else f"{100 * v:.1f}" for v in values], padding=2, fontsize=7)
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlabel("%")
+    ax.set_xlim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_sweep(path: str | Path, key: str, values: Sequence[Any], maps: Sequence[float | None],
+               rank1s: Sequence[float | None], title: str, configured: Any = None) -> None:
+    """mAP and Rank-1 (fractions) against the swept value; the configured value marked."""
+    plt = _pyplot()
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = list(values) if numeric else list(range(len(values)))
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for series, label in ((maps, "mAP"), (rank1s, "Rank-1")):
+        points = [(x, 100 * v) for x, v in zip(xs, series) if v is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if configured is not None and configured in list(values):
+        ax.axvline(xs[list(values).index(configured)], color="grey", linestyle=":", label="configured")
+    if not numeric:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)

@@ -1,17 +1,26 @@
 # Config validation, path helpers, report categories, the closing table, per-rule params and per-dataset resources.
 
+import posixpath
+import re
 import sys
 
 from snakemake.exceptions import WorkflowError
 
 from purireid.config import ConfigError, resolve_config, source_config, stage_params
+from purireid.variants import BASE_RUN, TRAINED_BY, Runs, ablation_variants, describe_changes, run_configs, \
+    sweep_variants, sweeps
 
 
 # The one validation of a run, before any job: against purireid/schemas/config.schema.yaml
 # (workflow/schemas/ links to it) plus the cross-key constraints a JSON schema cannot express,
 # naming the offending key (e.g. 'train.batch_size'). Every default is filled in in place.
+# The variants (ablation and sweeps, purireid/variants.py) are checked here too, each as a
+# whole config, naming the variant and the key.
 try:
     config.update(resolve_config(config))
+    RUNS = Runs(run_configs(config))
+    ABLATION = ablation_variants(config)
+    SWEEPS = {sweep.name: sweep for sweep in sweeps(config)}
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -20,9 +29,61 @@ DATASET = config["dataset"]
 RESULTS = f"{config['results_dir']}/{DATASET}"
 MODELS = ("teacher", "student")
 
+# ---------------------------------------------------------------- runs: the configured one and the variants
+#
+# Each stage writes under {run}, that is results/<dataset> for the configured run, results/<dataset>/
+# variants/<name> for a variant. A rule's inputs come from the run that *owns* the upstream
+# stage (the first run computing the same thing, purireid.variants.Runs.owner), so a variant
+# that changes only the student reads the configured teacher; a job whose outputs another run's
+# folder holds is refused (owned below), so nothing is trained twice.
+RUN_ROOTS = {name: RESULTS if name == BASE_RUN else f"{RESULTS}/variants/{name}" for name in RUNS}
+RUN_OF_ROOT = {root: name for name, root in RUN_ROOTS.items()}
+
 
 wildcard_constraints:
     model="teacher|student|supervised",
+    run="|".join(re.escape(root) for root in RUN_ROOTS.values()),
+    sweep="|".join(re.escape(name) for name in SWEEPS) or "(?!)",
+
+
+def run_out(*parts):
+    """{run}/<parts...>: an output of a rule that serves every run."""
+    return posixpath.join("{run}", *parts)
+
+
+def run_of(wildcards):
+    return RUN_OF_ROOT[wildcards.run]
+
+
+def run_config(wildcards):
+    return RUNS[run_of(wildcards)]
+
+
+def owner_root(run, stage):
+    """The folder holding `stage`'s outputs for `run` (evaluate_<model> for an evaluation)."""
+    return RUN_ROOTS[RUNS.owner(run, stage)]
+
+
+def upstream(stage, *parts):
+    """Input function: a file of `stage`'s outputs, from the run that owns them."""
+    return lambda wildcards: posixpath.join(owner_root(run_of(wildcards), stage), *parts)
+
+
+def owned(stage):
+    """Input function adding no file: refuses a job whose outputs live in another run's folder
+    (a variant asked for a stage it shares), naming where they are."""
+
+    def check(wildcards):
+        run = run_of(wildcards)
+        key = f"evaluate_{wildcards.model}" if stage == "evaluate" else stage
+        owner = RUNS.owner(run, key)
+        if owner != run:
+            raise WorkflowError(
+                f"variant '{run}' computes the same {key} as '{owner}': its outputs are those under "
+                f"{RUN_ROOTS[owner]}/ (ask for those files instead)")
+        return {}
+
+    return check
 
 
 # ---------------------------------------------------------------- paths (the public contract)
@@ -30,15 +91,15 @@ wildcard_constraints:
 
 def out(*parts):
     """results/<dataset>/<parts...>"""
-    return "/".join((RESULTS,) + parts)
+    return posixpath.join(RESULTS, *parts)
 
 
 def log_path(name):
-    return out("logs", f"{name}.log")
+    return run_out("logs", f"{name}.log")
 
 
 def benchmark_path(name):
-    return out("benchmarks", f"{name}.tsv")
+    return run_out("benchmarks", f"{name}.tsv")
 
 
 # The opt-in deployable student (export.smk), part of the default target with export.enabled.
@@ -51,8 +112,10 @@ SOURCE_CONFIG = source_config(config)
 
 
 def source_weights_input(wildcards):
-    """Training rules' extra input: the source-pretrained weights, when the models start from them."""
-    return {"source_weights": out("source", "model.pth")} if USES_SOURCE else {}
+    """Training rules' extra input: the source-pretrained weights, when the run's models start from them."""
+    if run_config(wildcards)["model"]["pretrained"] != "source":
+        return {}
+    return {"source_weights": upstream("pretrain_source", "source", "model.pth")(wildcards)}
 
 
 def evaluated_models():
@@ -66,6 +129,7 @@ def evaluated_models():
 REPORT_SUMMARY = "1. Summary"
 REPORT_TRAINING = "2. Training"
 REPORT_EVALUATION = "3. Evaluation"
+REPORT_ABLATION = "4. Ablation and sweeps"
 REPORT_MODEL_ORDER = ("teacher", "student", "supervised", "source")
 
 
@@ -74,6 +138,22 @@ def model_subcategory(model):
     order = list(dict.fromkeys([*evaluated_models(), *REPORT_MODEL_ORDER]))
     position = order.index(model) + 1 if model in order else len(order) + 1
     return f"{position}. {model}"
+
+
+def report_category(category):
+    """A run's files in `category`; a variant's in the ablation category."""
+    return lambda wildcards: category if run_of(wildcards) == BASE_RUN else REPORT_ABLATION
+
+
+def report_subcategory(model):
+    """A run's files by model ('1. teacher', ...); a variant's by variant ('variant camera_centre')."""
+
+    def subcategory(wildcards):
+        if run_of(wildcards) != BASE_RUN:
+            return f"variant {run_of(wildcards)}"
+        return model_subcategory(wildcards.model if model == "{model}" else model)
+
+    return subcategory
 
 
 def summary_outputs():
@@ -117,7 +197,8 @@ def final_outputs():
 
 
 def params_of(stage):
-    return stage_params(config, stage)
+    """A rule's params.config: the keys of its run's config that `stage` reads."""
+    return lambda wildcards: stage_params(run_config(wildcards), stage)
 
 
 # ---------------------------------------------------------------- resources
@@ -177,3 +258,38 @@ EVAL_GPUS = 1 if ON_GPU else 0
 COMPUTE_THREADS = max(2, config["data"]["workers"] + 1)
 TRAIN_THREADS = max(1, TRAIN_GPUS) * COMPUTE_THREADS
 PREPARE_THREADS = config["prepare"]["workers"]
+
+
+def config_value(dotted):
+    """The configured value of a section.key (the swept key's value in the configured run)."""
+    section, _, key = dotted.partition(".")
+    return config[section][key]
+
+
+# ---------------------------------------------------------------- the ablation and sweep tables (ablation.smk)
+
+
+def variant_rows(variants):
+    """The table's rows as the tabulating job reads them: each variant's description and the
+    files behind its row, from the runs that own them."""
+    rows = []
+    for variant in variants:
+        scored = f"evaluate_{variant.model}"
+        folder = owner_root(variant.name, scored)
+        needed = RUNS.jobs_by_stage([(variant.name, scored)])
+        training = [f"{RUN_ROOTS[RUNS.owner(variant.name, stage)]}/{model}/log.jsonl"
+                    for stage, model in (("pretrain_source", "source"), ("train_teacher", "teacher"),
+                                         ("train_student", "student"), ("train_supervised", "supervised"))
+                    if stage in needed]
+        rows.append({"variant": variant.name, "about": variant.about, "changes": describe_changes(variant.overlay),
+                     "model": variant.model, "eval_json": f"{folder}/{variant.model}/eval.json",
+                     "model_log": f"{folder}/{variant.model}/log.jsonl", "training_logs": training})
+    return rows
+
+
+def variant_inputs(variants):
+    """Every eval.json and log.jsonl behind the rows (each once)."""
+    files = []
+    for row in variant_rows(variants):
+        files += [row["eval_json"], row["model_log"], *row["training_logs"]]
+    return list(dict.fromkeys(files))

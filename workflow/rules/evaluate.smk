@@ -5,28 +5,29 @@ rule evaluate:
     """Score a trained model on the query/gallery split: eval.json (mAP, mINP, Rank-1/5/10, CMC
     as fractions), a CMC plot and a picture of ranked lists."""
     input:
-        manifest=rules.prepare_dataset.output.manifest,
-        checkpoint=out("{model}", "model.pth"),
+        unpack(owned("evaluate")),
+        manifest=upstream("prepare_dataset", "data", "manifest.csv"),
+        checkpoint=lambda w: upstream(TRAINED_BY[w.model], w.model, "model.pth")(w),
     output:
         eval_json=report(
-            out("{model}", "eval.json"),
+            run_out("{model}", "eval.json"),
             caption="../report/eval_json.rst",
-            category=REPORT_EVALUATION,
-            subcategory=lambda w: model_subcategory(w.model),
+            category=report_category(REPORT_EVALUATION),
+            subcategory=report_subcategory("{model}"),
             labels={"model": "{model}", "figure": "metrics (JSON)"},
         ),
         cmc=report(
-            out("{model}", "cmc.png"),
+            run_out("{model}", "cmc.png"),
             caption="../report/cmc.rst",
-            category=REPORT_EVALUATION,
-            subcategory=lambda w: model_subcategory(w.model),
+            category=report_category(REPORT_EVALUATION),
+            subcategory=report_subcategory("{model}"),
             labels={"model": "{model}", "figure": "CMC curve"},
         ),
         ranked=report(
-            out("{model}", "ranked.png"),
+            run_out("{model}", "ranked.png"),
             caption="../report/ranked.rst",
-            category=REPORT_EVALUATION,
-            subcategory=lambda w: model_subcategory(w.model),
+            category=report_category(REPORT_EVALUATION),
+            subcategory=report_subcategory("{model}"),
             labels={"model": "{model}", "figure": "ranked lists"},
         ),
     params:

@@ -13,11 +13,11 @@ rule export_student:
     output:
         model=EXPORTED_STUDENT,
     params:
-        config=params_of("export_student"),
+        config=stage_params(config, "export_student"),
     log:
-        log_path("export_student"),
+        out("logs", "export_student.log"),
     benchmark:
-        benchmark_path("export_student")
+        out("benchmarks", "export_student.tsv")
     threads: 2
     resources:
         mem_mb=4000,

@@ -4,10 +4,11 @@
 rule extract_teacher_features:
     """Extract the trained teacher's eval-mode features of every train image, three views, into HDF5."""
     input:
-        manifest=rules.prepare_dataset.output.manifest,
-        checkpoint=rules.train_teacher.output.model,
+        unpack(owned("extract_teacher_features")),
+        manifest=upstream("prepare_dataset", "data", "manifest.csv"),
+        checkpoint=upstream("train_teacher", "teacher", "model.pth"),
     output:
-        features=out("teacher", "train_features.h5"),
+        features=run_out("teacher", "train_features.h5"),
     params:
         config=params_of("extract_teacher_features"),
     log:

@@ -8,10 +8,12 @@
 rule prepare_dataset:
     """Find, extract or generate the dataset, decode every image and write the validated
     manifest (split, path, pid, camid) with a summary of the splits."""
+    input:
+        unpack(owned("prepare_dataset")),
     output:
-        manifest=out("data", "manifest.csv"),
-        summary=out("data", "summary.json"),
-        config=out("data", "config.yaml"),  # the resolved config the job ran with
+        manifest=run_out("data", "manifest.csv"),
+        summary=run_out("data", "summary.json"),
+        config=run_out("data", "config.yaml"),  # the resolved config the job ran with
     params:
         config=params_of("prepare_dataset"),
     log:

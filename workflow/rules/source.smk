@@ -7,9 +7,11 @@
 
 rule prepare_source:
     """Find, extract or generate the source dataset and write its validated manifest."""
+    input:
+        unpack(owned("prepare_source")),
     output:
-        manifest=out("source", "data", "manifest.csv"),
-        summary=out("source", "data", "summary.json"),
+        manifest=run_out("source", "data", "manifest.csv"),
+        summary=run_out("source", "data", "summary.json"),
     params:
         config=params_of("prepare_source"),
     log:
@@ -27,21 +29,22 @@ rule prepare_source:
 rule pretrain_source:
     """Train the model with the source dataset's true labels (the teacher's recipe, source.train over train)."""
     input:
-        manifest=rules.prepare_source.output.manifest,
+        unpack(owned("pretrain_source")),
+        manifest=upstream("prepare_source", "source", "data", "manifest.csv"),
     output:
-        model=out("source", "model.pth"),
-        config=out("source", "config.yaml"),  # the resolved config the job ran with
-        log_jsonl=out("source", "log.jsonl"),
+        model=run_out("source", "model.pth"),
+        config=run_out("source", "config.yaml"),  # the resolved config the job ran with
+        log_jsonl=run_out("source", "log.jsonl"),
         curve=report(
-            out("source", "curve.png"),
+            run_out("source", "curve.png"),
             caption="../report/curve.rst",
-            category=REPORT_TRAINING,
-            subcategory=model_subcategory("source"),
+            category=report_category(REPORT_TRAINING),
+            subcategory=report_subcategory("source"),
             labels={"model": "source", "figure": "training curve"},
         ),
     params:
         config=params_of("pretrain_source"),
-        state_dir=out("source", "state"),
+        state_dir=run_out("source", "state"),
         role="source",
     log:
         log_path("pretrain_source"),

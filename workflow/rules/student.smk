@@ -6,24 +6,25 @@ rule train_student:
     """Train the student: a warm-up epoch on the teacher's clusters, then the teacher's recipe
     plus distillation towards the teacher; resumes after interruption."""
     input:
+        unpack(owned("train_student")),
         unpack(source_weights_input),
-        manifest=rules.prepare_dataset.output.manifest,
-        teacher_checkpoint=rules.train_teacher.output.model,
-        teacher_features=rules.extract_teacher_features.output.features,
+        manifest=upstream("prepare_dataset", "data", "manifest.csv"),
+        teacher_checkpoint=upstream("train_teacher", "teacher", "model.pth"),
+        teacher_features=upstream("extract_teacher_features", "teacher", "train_features.h5"),
     output:
-        model=out("student", "model.pth"),
-        log_jsonl=out("student", "log.jsonl"),
-        config=out("student", "config.yaml"),  # the resolved config the job ran with
+        model=run_out("student", "model.pth"),
+        log_jsonl=run_out("student", "log.jsonl"),
+        config=run_out("student", "config.yaml"),  # the resolved config the job ran with
         curve=report(
-            out("student", "curve.png"),
+            run_out("student", "curve.png"),
             caption="../report/curve.rst",
-            category=REPORT_TRAINING,
-            subcategory=model_subcategory("student"),
+            category=report_category(REPORT_TRAINING),
+            subcategory=report_subcategory("student"),
             labels={"model": "student", "figure": "training curve"},
         ),
     params:
         config=params_of("train_student"),
-        state_dir=out("student", "state"),
+        state_dir=run_out("student", "state"),
     log:
         log_path("train_student"),
     benchmark:

@@ -27,9 +27,9 @@ rule summary:
         models=evaluated_models(),
         dataset=DATASET,
     log:
-        log_path("summary"),
+        out("logs", "summary.log"),
     benchmark:
-        benchmark_path("summary")
+        out("benchmarks", "summary.tsv")
     threads: 1
     resources:
         mem_mb=1000,

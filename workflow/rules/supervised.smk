@@ -7,22 +7,23 @@
 rule train_supervised:
     """Train the supervised reference: the teacher's recipe on the true train identities (uses labels)."""
     input:
+        unpack(owned("train_supervised")),
         unpack(source_weights_input),
-        manifest=rules.prepare_dataset.output.manifest,
+        manifest=upstream("prepare_dataset", "data", "manifest.csv"),
     output:
-        model=out("supervised", "model.pth"),
-        config=out("supervised", "config.yaml"),  # the resolved config the job ran with
-        log_jsonl=out("supervised", "log.jsonl"),
+        model=run_out("supervised", "model.pth"),
+        config=run_out("supervised", "config.yaml"),  # the resolved config the job ran with
+        log_jsonl=run_out("supervised", "log.jsonl"),
         curve=report(
-            out("supervised", "curve.png"),
+            run_out("supervised", "curve.png"),
             caption="../report/curve.rst",
-            category=REPORT_TRAINING,
-            subcategory=model_subcategory("supervised"),
+            category=report_category(REPORT_TRAINING),
+            subcategory=report_subcategory("supervised"),
             labels={"model": "supervised", "figure": "training curve"},
         ),
     params:
         config=params_of("train_supervised"),
-        state_dir=out("supervised", "state"),
+        state_dir=run_out("supervised", "state"),
         role="supervised",
     log:
         log_path("train_supervised"),

@@ -9,22 +9,23 @@ rule train_teacher:
     """Train the teacher on per-view pseudo labels of its own features (DBSCAN over fused
     k-reciprocal Jaccard distances), one clustering per epoch; resumes after interruption."""
     input:
+        unpack(owned("train_teacher")),
         unpack(source_weights_input),
-        manifest=rules.prepare_dataset.output.manifest,
+        manifest=upstream("prepare_dataset", "data", "manifest.csv"),
     output:
-        model=out("teacher", "model.pth"),
-        log_jsonl=out("teacher", "log.jsonl"),
-        config=out("teacher", "config.yaml"),  # the resolved config the job ran with
+        model=run_out("teacher", "model.pth"),
+        log_jsonl=run_out("teacher", "log.jsonl"),
+        config=run_out("teacher", "config.yaml"),  # the resolved config the job ran with
         curve=report(
-            out("teacher", "curve.png"),
+            run_out("teacher", "curve.png"),
             caption="../report/curve.rst",
-            category=REPORT_TRAINING,
-            subcategory=model_subcategory("teacher"),
+            category=report_category(REPORT_TRAINING),
+            subcategory=report_subcategory("teacher"),
             labels={"model": "teacher", "figure": "training curve"},
         ),
     params:
         config=params_of("train_teacher"),
-        state_dir=out("teacher", "state"),
+        state_dir=run_out("teacher", "state"),
     log:
         log_path("train_teacher"),
     benchmark:

@@ -32,6 +32,8 @@ def run_stage(snakemake: Any, body: Callable[[dict], None], *, torch_threads: bo
     setup_logging(snakemake.log[0])
     wildcards = dict(snakemake.wildcards.items())
     name = snakemake.rule + (f" ({wildcards['model']})" if "model" in wildcards else "")
+    if "/variants/" in wildcards.get("run", ""):  # a variant of the ablation or a sweep point
+        name += f" [variant {wildcards['run'].rsplit('/', 1)[-1]}]"
     try:
         with exit_on_signals():
             config = job_config(snakemake)
