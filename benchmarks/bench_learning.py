@@ -70,9 +70,10 @@ def run_pipeline(work: Path, seed: int, cores: int, configfiles: list[str], abla
     overrides.write_text(json.dumps({"dataset": "market1501", "data_root": str(work / "data"),
                                      "results_dir": str(results), "seed": seed,
                                      "prepare": {"check_counts": False}, "supervised_reference": True}))
-    cmd = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"), "--cores", str(cores),
-           "--workflow-profile", "none", "--configfile", *configfiles, str(overrides),
-           *(["all", "ablation"] if ablation else [])]
+    # Targets before --configfile, which takes every argument after it.
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
+           *(["all", "ablation"] if ablation else []), "--cores", str(cores),
+           "--workflow-profile", "none", "--configfile", *configfiles, str(overrides)]
     tic = time.time()
     with open(work / f"snakemake-seed{seed}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)

@@ -109,6 +109,12 @@ def test_presets_hold_the_paper_settings():
         assert preset["train"]["epochs"] == 50 and preset["train"]["batch_size"] == 256
         assert preset["train"]["num_instances"] == 16
         assert (preset["data"]["height"], preset["data"]["width"]) == (256, 128)
+        # Not the CPU default's: ImageNet for a source model, the paper's parameters swept around its values.
+        assert preset["source"]["pretrained"] == "imagenet"
+        sweeps = preset["sweeps"]
+        assert {s["key"] for s in sweeps.values()} == {"cluster.lambda1", "train.lambda2", "student.mu", "cluster.eps",
+                                                       "cluster.k1"}
+        assert eps in sweeps["eps"]["values"] and 0.15 in sweeps["lambda1"]["values"] and 30 in sweeps["k1"]["values"]
 
 
 def test_lint_only_justified_findings(tmp_path):
