@@ -100,6 +100,12 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (a training log.jsonl), blank lines skipped."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def write_yaml_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, yaml.safe_dump(obj, sort_keys=False))
 

@@ -9,7 +9,7 @@ from purireid.log import setup_logging
 setup_logging(snakemake.log[0])
 log = logging.getLogger("purireid.workflow")
 try:
-    from purireid.io import write_text_atomic
+    from purireid.io import read_jsonl, write_text_atomic
     from purireid.summary import summary_rows, to_html, to_markdown, to_tsv
 
     models = list(snakemake.params.models)
@@ -17,8 +17,7 @@ try:
     for model, eval_json, log_jsonl in zip(models, snakemake.input.eval_json, snakemake.input.log_jsonl, strict=True):
         with open(eval_json) as handle:
             evaluations[model] = json.load(handle)
-        with open(log_jsonl) as handle:
-            logs[model] = [json.loads(line) for line in handle if line.strip()]
+        logs[model] = read_jsonl(log_jsonl)
     rows = summary_rows(models, evaluations, logs)
     dataset = snakemake.params.dataset
     rerank = any(e.get("rerank") for e in evaluations.values())

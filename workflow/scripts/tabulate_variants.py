@@ -10,26 +10,21 @@ setup_logging(snakemake.log[0])
 log = logging.getLogger("purireid.workflow")
 
 
-def read_jsonl(path):
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 try:
     from purireid.ablation import to_csv, to_html, to_markdown, variant_row
-    from purireid.io import write_text_atomic
+    from purireid.io import read_jsonl, write_text_atomic
     from purireid.stages.reporting import plot_sweep, plot_variant_bars
 
-    rows = []
+    rows, rerank = [], False
     for spec in snakemake.params.rows:
         with open(spec["eval_json"]) as handle:
             evaluation = json.load(handle)
+        rerank = rerank or bool(evaluation.get("rerank"))
         rows.append(variant_row(spec, evaluation, read_jsonl(spec["model_log"]),
                                 [read_jsonl(path) for path in spec["training_logs"]]))
         if spec["eval_json"].count("/variants/") == 0:
             log.info("%s: shares the configured run's %s (%s)", spec["variant"], spec["model"], spec["eval_json"])
     title, dataset, sweep = snakemake.params.title, snakemake.params.dataset, snakemake.params.sweep
-    rerank = any(json.load(open(spec["eval_json"])).get("rerank") for spec in snakemake.params.rows)
     write_text_atomic(snakemake.output.csv, to_csv(rows))
     markdown = to_markdown(rows, title=title, dataset=dataset, rerank=rerank)
     write_text_atomic(snakemake.output.md, markdown)
