@@ -92,9 +92,9 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The model in eval mode on `device`, with the checkpoint's weights."""
-        from purireid.models import build_model
+        from purireid.models import build_model, input_norm_of
 
-        model = build_model(self.arch, pretrained="none")
+        model = build_model(self.arch, pretrained="none", input_norm=input_norm_of(self.config))
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:

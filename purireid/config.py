@@ -80,6 +80,10 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
     if err.validator == "type" and "integer" in types and isinstance(err.instance, float) \
             and err.instance.is_integer():
         return f"{err.message}: write a whole number without a decimal point ({int(err.instance)})"
+    if err.validator == "type" and "boolean" in types and isinstance(err.instance, str) \
+            and err.instance.lower() in ("true", "false"):
+        # Snakemake's --config reads only True / False as booleans; 'true' stays text.
+        return f"{err.message}: on the command line write --config key={err.instance.capitalize()}"
     return err.message
 
 

@@ -307,7 +307,8 @@ def _train_step(config: Mapping[str, Any], device: torch.device) -> str:
     bn_groups = config["model"]["bn_groups"]
     batch = 2 * bn_groups  # two images per BatchNorm group: a BatchNorm1d neck needs two in training mode
     height, width = config["data"]["height"], config["data"]["width"]
-    model = build_model(config["model"]["arch"], pretrained="none", bn_groups=bn_groups).to(device).train()
+    model = build_model(config["model"]["arch"], pretrained="none", bn_groups=bn_groups,
+                        input_norm=config["model"]["input_norm"]).to(device).train()
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, height, width, generator=gen).to(device)
     cuda = device.type == "cuda"

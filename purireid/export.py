@@ -3,7 +3,9 @@
 The exported graph is the inference path of purireid.models.MultiViewResNet: input float32
 [B, 3, H, W], RGB, ImageNet-normalised (mean 0.485/0.456/0.406, std 0.229/0.224/0.225), H x W
 the checkpoint's input size, any batch size B >= 1; output the L2-normalised global feature
-[B, D] (outputs "global", "upper", "lower" with views="all").
+[B, D] (outputs "global", "upper", "lower" with views="all"). A model trained with
+`model.input_norm: per_image` standardises each image inside the exported graph, so its input
+is the same.
 
 ONNX: torch.onnx's exporter (torch.export-based; needs the `onnx` and `onnxscript` packages),
 opset `ONNX_OPSET` (18) unless asked otherwise, the batch dimension dynamic; checked with
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from purireid.api import Checkpoint, InputError, read_checkpoint, resolve_views
+from purireid.models import input_norm_of, standardise_per_image
 
 __all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "ExportReport", "ExportedFeatures", "ParityError", "export_model"]
 
@@ -62,12 +65,15 @@ class ExportedFeatures(nn.Module):
         if not isinstance(model, MultiViewResNet):
             raise TypeError(f"expected a MultiViewResNet, got {type(model).__name__}")
         self.views = views
+        self.standardise = model.input_norm == "per_image"  # model.input_norm, inside the exported graph
         self.trunk = nn.Sequential(*(getattr(model, name) for name in
                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")))
         self.view_pools = nn.ModuleList(model.pools[v] for v in views)
         self.view_necks = nn.ModuleList(model.necks[v] for v in views)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.standardise:
+            images = standardise_per_image(images)
         fmap = self.trunk(images)
         h = fmap.shape[2] // 2
         parts = {"global": fmap, "upper": fmap[:, :, :h], "lower": fmap[:, :, h:2 * h]}
@@ -91,7 +97,7 @@ def _metadata(ckpt: Checkpoint, views: tuple[str, ...], fmt: str, opset: int | N
         "producer": "purireid", "format": fmt, "opset": opset, "arch": ckpt.arch, "feat_dim": ckpt.feat_dim,
         "input": {"layout": "NCHW", "channels": "RGB", "dtype": "float32", "height": ckpt.input_size[0],
                   "width": ckpt.input_size[1], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                  "resize": "bicubic"},
+                  "resize": "bicubic", "per_image_standardisation": input_norm_of(ckpt.config) == "per_image"},
         "outputs": list(views), "l2_normalised": True, "checkpoint_sha256": ckpt.sha256,
     }
 

@@ -23,10 +23,13 @@ __all__ = [
     "GeM",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "INPUT_NORMS",
     "MultiViewResNet",
     "build_model",
     "imagenet_weights_path",
+    "input_norm_of",
     "set_bn_groups",
+    "standardise_per_image",
 ]
 
 # arch -> (torchvision constructor, weights enums in order of preference).
@@ -162,14 +165,40 @@ def _neck(dim: int) -> nn.BatchNorm1d:
     return bn
 
 
+INPUT_NORMS = ("imagenet", "per_image")
+
+
+def standardise_per_image(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """Each image's channels to zero mean and unit standard deviation over its pixels.
+
+    A camera's colour cast is, to first order, a gain and an offset per channel; this undoes
+    both for every image, so an untrained network no longer matches cameras before people.
+    """
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True)
+    return (x - mean) / (std + eps)
+
+
+def input_norm_of(config: Mapping[str, object]) -> str:
+    """The input normalisation a config (e.g. a checkpoint's) asks for; "imagenet" when it
+    predates the option."""
+    model = config.get("model") if isinstance(config, Mapping) else None
+    return str(model.get("input_norm", "imagenet")) if isinstance(model, Mapping) else "imagenet"
+
+
 class MultiViewResNet(nn.Module):
     """ResNet trunk (last stride 1) + global/upper/lower GeM + BN neck per view.
 
     ``forward(x)`` returns ``{"global", "upper", "lower"}`` -> L2-normalised ``[B, feat_dim]``.
+    ``input_norm``: ``"imagenet"`` takes the (ImageNet-normalised) input as it is (the paper);
+    ``"per_image"`` first standardises each image's channels (:func:`standardise_per_image`).
     """
 
-    def __init__(self, resnet: tvm.ResNet, bn_groups: int = 1) -> None:
+    def __init__(self, resnet: tvm.ResNet, bn_groups: int = 1, input_norm: str = "imagenet") -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {list(INPUT_NORMS)}")
+        self.input_norm = input_norm
         layer4_first = resnet.layer4[0]
         # Last stride 1 (SPEC §2): the strided conv of layer4's first block + its shortcut.
         strided = layer4_first.conv2 if isinstance(layer4_first, tvm.resnet.Bottleneck) else layer4_first.conv1
@@ -185,6 +214,8 @@ class MultiViewResNet(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         """The layer4 map ``[B, feat_dim, H/16, W/16]``."""
+        if self.input_norm == "per_image":
+            x = standardise_per_image(x)
         for name in _BACKBONE_NAMES:
             x = getattr(self, name)(x)
         return x
@@ -254,19 +285,20 @@ def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str
 
 
 def build_model(
-    arch: str = "resnet50", pretrained: str = "imagenet", bn_groups: int = 1
+    arch: str = "resnet50", pretrained: str = "imagenet", bn_groups: int = 1, input_norm: str = "imagenet"
 ) -> MultiViewResNet:
     """Build the multi-view ResNet of SPEC §2.
 
     ``pretrained``: ``"imagenet"`` (torchvision's file in the torch hub cache, see
     :func:`imagenet_weights_path`; a clear ``FileNotFoundError`` when absent, never a
     download nor a silent random init), ``"none"`` (random init), or a path to a
-    state_dict (torchvision ResNet layout, or a full MultiViewResNet one).
+    state_dict (torchvision ResNet layout, or a full MultiViewResNet one). ``input_norm``: see
+    :class:`MultiViewResNet` (not part of the weights: a checkpoint records it in its config).
     """
     if arch not in _ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(_ARCHS)}")
     ctor = _ARCHS[arch][0]
-    model = MultiViewResNet(ctor(weights=None), bn_groups=1)
+    model = MultiViewResNet(ctor(weights=None), bn_groups=1, input_norm=input_norm)
     pretrained = str(pretrained)
 
     if pretrained == "none":

@@ -68,7 +68,11 @@ def test_variant_overlays_are_the_papers_rows():
     runs = runs_of()
     assert runs["baseline"]["cluster"]["lambda1"] == 0.0 and runs["baseline"]["train"]["lambda2"] == 0.0
     assert runs["multiview_labels"]["cluster"]["lambda1"] == runs[BASE_RUN]["cluster"]["lambda1"] > 0
-    assert runs["camera_centre"]["cluster"]["camera_centre"] is True
+    # config.yaml's recipe has the camera-robust options on; its paper_recipe row turns them off.
+    assert runs[BASE_RUN]["cluster"]["camera_centre"] is True
+    assert (runs["paper_recipe"]["model"]["input_norm"], runs["paper_recipe"]["cluster"]["camera_centre"],
+            runs["paper_recipe"]["train"]["momentum"]) == ("imagenet", False, 0.1)
+    assert BUILTIN_VARIANTS["camera_centre"].overlay == {"cluster": {"camera_centre": True}}
 
 
 @pytest.mark.parametrize(

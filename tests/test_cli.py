@@ -31,7 +31,8 @@ SUBCOMMANDS = ("extract", "search", "export", "doctor")
 
 def write_checkpoint(path: Path, config: dict, seed: int) -> Path:
     torch.manual_seed(seed)
-    save_model_checkpoint(path, build_model(config["model"]["arch"], pretrained="none"), config)
+    model = build_model(config["model"]["arch"], pretrained="none", input_norm=config["model"]["input_norm"])
+    save_model_checkpoint(path, model, config)
     return path
 
 

@@ -28,6 +28,8 @@ SCHEMA = load_schema()
         ({"cluster": {"k1": 20.5}}, "cluster.k1", "not of type 'integer'"),
         ({"synthetic": {"images_per_id": 2}}, "synthetic.images_per_id", "minimum"),  # a query without a true match
         ({"data": {"height": 16}}, "data.height", "minimum"),  # one feature-map row: empty upper/lower views
+        ({"supervised_reference": "true"}, "supervised_reference", "--config key=True"),  # Snakemake's text 'true'
+        ({"model": {"input_norm": "grey_world"}}, "model.input_norm", "is not one of"),
     ],
 )
 def test_values_a_job_would_reject_are_refused_naming_the_key(override, key, text):

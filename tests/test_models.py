@@ -259,3 +259,47 @@ def test_set_bn_groups_in_place():
     set_bn_groups(plain, 2)
     assert isinstance(plain[1], GhostBatchNorm2d) and plain[1].weight is w
     assert plain(torch.randn(4, 3, 5, 5)).shape == (4, 4, 3, 3)
+
+
+# ----------------------------------------------------------------------------- input_norm
+
+
+def test_per_image_input_norm_undoes_a_colour_cast():
+    """A camera's colour cast (a gain and an offset per channel) leaves per_image features
+    unchanged, and changes the paper's (imagenet) features."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 32)
+    gain = torch.tensor([1.4, 0.7, 1.1]).view(1, 3, 1, 1)
+    offset = torch.tensor([0.3, -0.5, 0.2]).view(1, 3, 1, 1)
+    cast = x * gain + offset
+    for norm, invariant in (("per_image", True), ("imagenet", False)):
+        torch.manual_seed(1)
+        model = build_model("resnet18", "none", input_norm=norm).eval()
+        with torch.no_grad():
+            a, b = model(x), model(cast)
+        close = all(torch.allclose(a[v], b[v], atol=1e-4) for v in VIEWS)
+        assert close == invariant, norm
+
+
+def test_input_norm_travels_with_the_checkpoint(tmp_path):
+    """A per_image model rebuilt from its checkpoint (by the stages and by the API) gives the
+    features it gave in training; an unknown value is refused with the choices."""
+    from purireid.api import read_checkpoint
+    from purireid.config import resolve_config
+    from purireid.stages.checkpoints import load_model_checkpoint, save_model_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none", input_norm="per_image").eval()
+    config = resolve_config({"dataset": "synthetic", "model": {"arch": "resnet18", "input_norm": "per_image"},
+                             "data": {"height": 64, "width": 32}})
+    path = tmp_path / "model.pth"
+    save_model_checkpoint(path, model, config)
+    x = torch.randn(2, 3, 64, 32) * 2 + 1
+    with torch.no_grad():
+        want = model(x)["global"]
+        for rebuilt in (load_model_checkpoint(path, torch.device("cpu")).eval(),
+                        read_checkpoint(path).build_model("cpu")):
+            assert rebuilt.input_norm == "per_image"
+            torch.testing.assert_close(rebuilt(x)["global"], want)
+    with pytest.raises(ValueError, match="per_image"):
+        build_model("resnet18", "none", input_norm="grey_world")

@@ -144,13 +144,14 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
                          iters=2, seed=1, use_cache=True, cache_dir=dataset["manifest"].parent / "cache")
     teacher_model = load_model_checkpoint(teacher["model_out"], torch.device("cpu"))
     guidance = TeacherGuidance(teacher_model, read_teacher_features(teacher["features"])["features"], "x")
-    plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config), iters=2,
+    camids = np.array([r.camid for r in train_records], dtype=np.int64)
+    plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
                      memory_momentum=config["train"]["momentum"])
     results = []
     for guide in (None, guidance):
         torch.manual_seed(0)
         from purireid.models import build_model
-        model = build_model("resnet18", "none")
+        model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
         with GracefulTermination() as term:
             run = TrainingRun(config, DistContext(), train_records, loader, term,

@@ -24,7 +24,7 @@ from purireid import VIEWS, __version__
 from purireid.config import without_execution_keys
 from purireid.io import atomic_path, torch_save_atomic, write_yaml_atomic
 from purireid.log import get_logger
-from purireid.models import build_model
+from purireid.models import build_model, input_norm_of
 
 log = get_logger("checkpoints")
 
@@ -86,7 +86,8 @@ def load_model_checkpoint(path: str | Path, device: torch.device, bn_groups: int
         arch, state_dict = checkpoint["arch"], checkpoint["state_dict"]
     except Exception as exc:  # a truncated or foreign file
         raise ValueError(f"{path} is not a readable purireid checkpoint ({exc}); rerun the stage that writes it") from exc
-    model = build_model(arch, pretrained="none", bn_groups=bn_groups)
+    model = build_model(arch, pretrained="none", bn_groups=bn_groups,
+                        input_norm=input_norm_of(checkpoint.get("config", {})))
     model.load_state_dict(state_dict)
     return model.to(device)
 

@@ -325,7 +325,8 @@ def train(
 
     seed_everything(config["seed"])
     model = build_model(model_cfg["arch"], pretrained,
-                        per_process_bn_groups(model_cfg["bn_groups"], ctx.world_size)).to(device)
+                        per_process_bn_groups(model_cfg["bn_groups"], ctx.world_size),
+                        input_norm=model_cfg["input_norm"]).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train_cfg["step_size"], gamma=train_cfg["gamma"])
