@@ -105,7 +105,8 @@ def test_presets_hold_the_paper_settings():
     msmt = yaml.safe_load((REPO / "config/presets/msmt17.yaml").read_text())
     for preset, eps, iters in ((market, 0.6, 200), (msmt, 0.7, 400)):
         assert preset["cluster"]["eps"] == eps and preset["train"]["iters"] == iters
-        assert preset["model"] == {"arch": "resnet50", "pretrained": "imagenet", "bn_groups": 4}
+        assert preset["model"] == {"arch": "resnet50", "pretrained": "imagenet", "bn_groups": 4,
+                                   "input_norm": "imagenet"}
         assert preset["train"]["epochs"] == 50 and preset["train"]["batch_size"] == 256
         assert preset["train"]["num_instances"] == 16
         assert (preset["data"]["height"], preset["data"]["width"]) == (256, 128)
