@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from purireid import VIEWS
 
-__all__ = ["ClusterMemory", "distillation_loss", "purification_loss", "view_weights"]
+__all__ = ["CameraProxyMemory", "ClusterMemory", "camera_proxy_labels", "distillation_loss", "purification_loss",
+           "view_weights"]
 
 
 class ClusterMemory(nn.Module):
@@ -71,6 +73,64 @@ class ClusterMemory(nn.Module):
             rows = y[sel]  # unique within a round
             m = self.memory[rows] * mu + x[sel] * (1.0 - mu)
             self.memory[rows] = m / m.norm(dim=1, keepdim=True)
+
+
+def camera_proxy_labels(labels: np.ndarray, camids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The camera proxies of an epoch's labels: one per (class, camera) pair that occurs.
+
+    Returns (proxy of every record, -1 where its label is -1; each proxy's class; each proxy's
+    camera), proxies numbered in sorted (class, camera) order.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    camids = np.asarray(camids, dtype=np.int64)
+    if labels.shape != camids.shape:
+        raise ValueError(f"{labels.shape[0]} labels but {camids.shape[0]} camera ids")
+    proxy = np.full(labels.shape, -1, dtype=np.int64)
+    kept = labels >= 0
+    pairs, proxy[kept] = np.unique(np.stack([labels[kept], camids[kept]], axis=1), axis=0, return_inverse=True)
+    pairs = pairs.reshape(-1, 2)
+    return proxy, pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+class CameraProxyMemory(nn.Module):
+    """One view's camera-aware proxies: a memory row per (class, camera) pair, and the
+    inter-camera contrastive term (after CAP, Wang et al., AAAI 2021) that pulls an image
+    towards every camera's proxy of its class against the hardest other classes' proxies.
+
+    The cluster memory's centres are dominated by the cameras a class has most images from;
+    this term weighs each camera's view of a class equally, so features must agree across
+    cameras. Loss of image x with class y: ``mean over p in P(y) of
+    -log(exp(x.p/t) / sum over u in P(y) + N_k(x) of exp(x.u/t))``, P(y) the proxies of y,
+    N_k(x) the `hard_negatives` proxies of other classes most similar to x. Update: the
+    momentum update of `ClusterMemory` on each image's own (class, camera) proxy.
+    """
+
+    def __init__(self, centres: Tensor, proxy_classes: Tensor | np.ndarray, *, temperature: float = 0.05,
+                 momentum: float = 0.1, hard_negatives: int = 50) -> None:
+        super().__init__()
+        if hard_negatives < 1:
+            raise ValueError(f"hard_negatives must be >= 1, got {hard_negatives}")
+        self.proxies = ClusterMemory(centres, temperature=temperature, momentum=momentum)
+        classes = torch.as_tensor(np.asarray(proxy_classes), dtype=torch.long, device=self.proxies.memory.device)
+        if classes.shape != (self.proxies.num_clusters,):
+            raise ValueError(f"{classes.shape[0]} proxy classes for {self.proxies.num_clusters} proxies")
+        self.register_buffer("proxy_classes", classes)
+        self.hard_negatives = int(hard_negatives)
+
+    def forward(self, features: Tensor, targets: Tensor) -> Tensor:
+        sims = self.proxies.logits(features)  # [B, P]
+        positive = self.proxy_classes.unsqueeze(0) == targets.to(sims.device).long().unsqueeze(1)
+        k = min(self.hard_negatives, int((~positive).sum(dim=1).min()))
+        parts = [sims.masked_fill(~positive, float("-inf"))]
+        if k > 0:  # the k most similar proxies of other classes
+            parts.append(sims.masked_fill(positive, float("-inf")).topk(k, dim=1).values)
+        log_norm = torch.logsumexp(torch.cat(parts, dim=1), dim=1)
+        mean_positive = (sims * positive).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
+        return (log_norm - mean_positive).mean()
+
+    @torch.no_grad()
+    def update(self, features: Tensor, proxy_targets: Tensor) -> None:
+        self.proxies.update(features, proxy_targets)
 
 
 def _occurrence_rank(y: Tensor) -> Tensor:

@@ -56,12 +56,15 @@ BUILTIN_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "supervised"),
     Variant("camera_centre", "full method, camera-centred clustering features", "student",
             {"cluster": {"camera_centre": True}}),
-    Variant("source", "full method, starting from source-pretrained weights (section source)", "student",
-            {"model": {"pretrained": "source"}}),
+    Variant("source", "full method, starting from source-pretrained weights (section source) at the "
+            "fine-tuning rate train.lr 3.5e-4", "student",
+            {"model": {"pretrained": "source"}, "train": {"lr": 0.00035}}),
     Variant("per_image", "full method, each image's channels standardised at the input (model.input_norm)",
             "student", {"model": {"input_norm": "per_image"}}),
     Variant("memory_momentum", "full method, cluster memories updated with momentum 0.5 (train.momentum)",
             "student", {"train": {"momentum": 0.5}}),
+    Variant("camera_proxy", "full method, plus the camera-proxy term (train.camera_proxy 0.5): each pseudo-identity's "
+            "proxy in every camera pulls its images together", "student", {"train": {"camera_proxy": 0.5}}),
     Variant("paper_recipe", "full method without the camera-robust options: ImageNet input normalisation, "
             "no camera centring, memory momentum 0.1, as in the paper", "student",
             {"model": {"input_norm": "imagenet"}, "cluster": {"camera_centre": False}, "train": {"momentum": 0.1}}),

@@ -80,7 +80,7 @@ def changed(config: dict, key: str) -> dict:
     elif isinstance(value, int):
         holder[leaf] = value + (value if leaf in ("batch_size", "num_instances", "gpus", "bn_groups") else 1)
     elif isinstance(value, float):
-        holder[leaf] = value / 2
+        holder[leaf] = value / 2 if value else 0.5  # a weight that is off by default: turn it on
     elif isinstance(value, dict):  # the source section's sub-sections, merged over the top level's
         holder[leaf] = {"prepare": {"check_counts": False}, "synthetic": {"num_train_ids": 7},
                         "train": {"epochs": 3}}[leaf]

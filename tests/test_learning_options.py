@@ -15,7 +15,7 @@ from conftest import REPO, prepare_tiny_dataset, tiny_config
 
 from purireid import VIEWS
 from purireid.config import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
-from purireid.diagnostics import k1_advice, label_diagnostics
+from purireid.diagnostics import fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.labels import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
 
@@ -48,6 +48,24 @@ def test_k1_advice_flags_merged_and_too_small_clusters():
     assert "cluster.k1" in small and "e.g. 12" in small
     merged = k1_advice(10, 0.6, 90.0)
     assert "merged" in merged and "cluster.eps" in merged
+
+
+def test_fine_tuning_advice_flags_a_from_scratch_rate_on_pretrained_weights():
+    assert fine_tuning_advice("none", 1e-3) is None  # from scratch: 1e-3 is the embedded default
+    assert fine_tuning_advice("imagenet", 3.5e-4) is None  # the paper's fine-tuning
+    advice = fine_tuning_advice("source", 1e-3)
+    assert "train.lr" in advice and "0.00035" in advice
+
+
+def test_the_source_row_fine_tunes_while_its_source_trains_from_scratch():
+    """The `source` ablation row starts the target from source weights at the fine-tuning rate;
+    the source itself keeps config.yaml's from-scratch rate (source.train.lr)."""
+    from purireid.variants import run_configs
+
+    runs = run_configs(load_config(REPO / "config.yaml"))
+    row = runs["source"]
+    assert (row["model"]["pretrained"], row["train"]["lr"]) == ("source", 0.00035)
+    assert source_config(row)["train"]["lr"] == 0.001
 
 
 # ---------------------------------------------------------------- camera-centred pseudo labels

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from purireid import VIEWS
 from purireid.losses import (
+    CameraProxyMemory,
     ClusterMemory,
+    camera_proxy_labels,
     _occurrence_rank,
     distillation_loss,
     purification_loss,
@@ -166,3 +169,55 @@ def test_end_to_end_gradients_flow_to_features_only():
         mems[v].update(feats[v], targets)  # takes grad-requiring tensors, updates without grad
         assert not mems[v].memory.requires_grad
         assert not torch.equal(mems[v].memory, before[v])
+
+
+# ---------------------------------------------------------------- camera proxies (train.camera_proxy)
+
+
+def test_camera_proxy_labels_one_proxy_per_class_and_camera():
+    labels = np.array([0, 0, 1, 1, 2, -1, 2, 0])
+    cams = np.array([0, 1, 0, 0, 1, 1, 2, 0])
+    proxy, classes, proxy_cams = camera_proxy_labels(labels, cams)
+    # proxies in (class, camera) order: (0,0) (0,1) (1,0) (2,1) (2,2); the outlier keeps -1
+    assert proxy.tolist() == [0, 1, 2, 2, 3, -1, 4, 0]
+    assert classes.tolist() == [0, 0, 1, 2, 2] and proxy_cams.tolist() == [0, 1, 0, 1, 2]
+    with pytest.raises(ValueError, match="camera ids"):
+        camera_proxy_labels(labels, cams[:-1])
+
+
+def test_camera_proxy_loss_vs_manual_with_hard_negatives():
+    proxies = _unit(6, 8, seed=3)
+    classes = torch.tensor([0, 0, 1, 1, 2, 3])  # classes 0 and 1 seen by two cameras
+    feats = _unit(4, 8, seed=4)
+    targets = torch.tensor([0, 1, 2, 0])
+    mem = CameraProxyMemory(proxies, classes, temperature=0.1, hard_negatives=2)
+    sims = (feats.double() @ proxies.double().T / 0.1)
+    manual = []
+    for i, y in enumerate(targets.tolist()):
+        pos = sims[i][classes == y]
+        neg = sims[i][classes != y].topk(2).values  # only the two hardest other proxies
+        log_norm = torch.logsumexp(torch.cat([pos, neg]), 0)
+        manual.append((log_norm - pos).mean())
+    assert mem(feats, targets).item() == pytest.approx(torch.stack(manual).mean().item(), rel=1e-5)
+
+
+def test_camera_proxy_gradient_pulls_towards_the_other_cameras_proxy():
+    """An image at its own camera's proxy is still pulled towards its class's proxy in the
+    other camera: the term that makes features agree across cameras."""
+    proxies = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    mem = CameraProxyMemory(proxies, torch.tensor([0, 0, 1]), temperature=0.5)
+    x = torch.tensor([[1.0, 0.0, 0.0]], requires_grad=True)  # class 0, camera A's proxy
+    mem(x, torch.tensor([0])).backward()
+    step = -x.grad[0]
+    assert step[1] > 0  # towards class 0's proxy in camera B
+    assert step[2] < 0  # away from class 1
+
+
+def test_camera_proxy_update_moves_only_the_own_proxy():
+    proxies = torch.eye(4)[:3]
+    mem = CameraProxyMemory(proxies, torch.tensor([0, 0, 1]), momentum=0.5)
+    mem.update(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.tensor([1]))
+    assert torch.equal(mem.proxies.memory[[0, 2]], proxies[[0, 2]])
+    torch.testing.assert_close(mem.proxies.memory[1], F.normalize(torch.tensor([0.0, 0.5, 0.0, 0.5]), dim=0))
+    with pytest.raises(ValueError, match="proxy classes"):
+        CameraProxyMemory(proxies, torch.tensor([0, 1]))

@@ -23,6 +23,7 @@ from purireid.data import TrainLoader, read_manifest
 from purireid.distributed import DistContext
 from purireid.io import sha256_file
 from purireid.labels import DegenerateClustering, PseudoLabels, TrueLabels, check_clusters
+from purireid.losses import view_weights
 from purireid.stages import evaluate, extract_teacher_features, train_student, train_teacher
 from purireid.stages.checkpoints import FeatureFileMismatch, load_model_checkpoint, read_teacher_features
 from purireid.stages.inference import evaluate_model, extract_records
@@ -162,6 +163,37 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
     assert r0["loss"] == r1["loss"]
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
+
+
+def test_camera_proxy_term_joins_the_loss(dataset):
+    """train.camera_proxy > 0 adds the camera-proxy term to every view's loss (logged as
+    camproxy_<view>) and changes the step; 0 leaves the paper's loss."""
+    records = read_manifest(dataset["manifest"])["train"]
+    camids = np.array([r.camid for r in records], dtype=np.int64)
+    results = []
+    for weight in (0.0, 0.5):
+        config = tiny_config(dataset["config"]["data_root"], train={"iters": 2, "camera_proxy": weight})
+        data = config["data"]
+        loader = TrainLoader(records, config["data_root"], height=data["height"], width=data["width"],
+                             batch_size=config["train"]["batch_size"], num_instances=config["train"]["num_instances"],
+                             iters=2, seed=1, use_cache=True, cache_dir=dataset["manifest"].parent / "cache")
+        plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
+                         memory_momentum=config["train"]["momentum"])
+        torch.manual_seed(0)
+        from purireid.models import build_model
+        model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
+        with GracefulTermination() as term:
+            run = TrainingRun(config, DistContext(), records, loader, term, cache_dir=dataset["manifest"].parent / "cache")
+            record = run_epoch(run, plan, model, model, optimizer)
+        results.append((record, model.state_dict()))
+    (plain, s0), (with_proxies, s1) = results
+    assert not any(key.startswith("camproxy_") for key in plain)
+    weights = view_weights(tiny_config(dataset["config"]["data_root"])["train"]["lambda2"])
+    assert all(with_proxies[f"camproxy_{v}"] > 0 for v in VIEWS)
+    expected = sum(weights[v] * (with_proxies[f"ce_{v}"] + 0.5 * with_proxies[f"camproxy_{v}"]) for v in VIEWS)
+    assert with_proxies["loss"] == pytest.approx(expected, rel=1e-5)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
 
 
 def test_training_from_true_labels(dataset, tmp_path):

@@ -35,14 +35,14 @@ import torch
 from purireid import VIEWS
 from purireid.cluster import cluster_centres
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.diagnostics import k1_advice, label_diagnostics
+from purireid.diagnostics import fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.distributed import DistContext
 from purireid.evaluation import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.features import autocast_context
 from purireid.io import sha256_file
 from purireid.labels import LabelSource, PseudoLabels
 from purireid.log import Progress, get_logger
-from purireid.losses import ClusterMemory, distillation_loss, purification_loss
+from purireid.losses import CameraProxyMemory, ClusterMemory, camera_proxy_labels, distillation_loss, purification_loss
 from purireid.models import build_model
 from purireid.stages.checkpoints import (
     clear_state,
@@ -61,6 +61,9 @@ from purireid.summary import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARMUP
 from purireid.stages.signals import GracefulTermination, TerminationRequested, exit_status
 
 log = get_logger("train")
+
+# Hard negatives of the camera-proxy term (train.camera_proxy): CAP's setting.
+CAMERA_PROXY_HARD_NEGATIVES = 50
 
 
 def seed_everything(seed: int) -> None:
@@ -117,13 +120,17 @@ class EpochTargets:
     num_classes: int
     extract_s: float
     label_s: float
+    # train.camera_proxy > 0: each record's (class, camera) proxy (-1 = left out) and a proxy memory per view
+    proxy_labels: np.ndarray | None = None
+    proxies: dict[str, CameraProxyMemory] | None = None
 
 
 def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[Record], config: Mapping[str, Any],
                 ctx: DistContext, *, epoch: int, memory_momentum: float,
                 cache_dir: Path | None = None) -> EpochTargets:
     """The labelling step: features (the model's, or the source's fixed ones) -> labels (on rank 0,
-    broadcast) -> one ClusterMemory per view from the class centres (config train.temperature)."""
+    broadcast) -> one ClusterMemory per view from the class centres (config train.temperature);
+    with train.camera_proxy > 0 also one CameraProxyMemory per view from the (class, camera) centres."""
     tic = time.time()
     features = source.features
     if features is None:
@@ -134,30 +141,45 @@ def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[R
     labels = source.assign(features, epoch=epoch) if ctx.is_main else None
     labels = ctx.broadcast_object(labels)
     num_classes = source.check(labels, epoch=epoch)
+    temperature = config["train"]["temperature"]
     memories = {v: ClusterMemory(cluster_centres(labels, features[v]).to(ctx.device),
-                                 temperature=config["train"]["temperature"], momentum=memory_momentum)
+                                 temperature=temperature, momentum=memory_momentum)
                 for v in VIEWS}
-    return EpochTargets(labels, memories, num_classes, extract_s, time.time() - tic)
+    proxy_labels = proxies = None
+    if config["train"]["camera_proxy"] > 0:
+        proxy_labels, proxy_classes, _ = camera_proxy_labels(labels, np.array([r.camid for r in records]))
+        proxies = {v: CameraProxyMemory(cluster_centres(proxy_labels, features[v]).to(ctx.device), proxy_classes,
+                                        temperature=temperature, momentum=memory_momentum,
+                                        hard_negatives=CAMERA_PROXY_HARD_NEGATIVES)
+                   for v in VIEWS}
+    return EpochTargets(labels, memories, num_classes, extract_s, time.time() - tic, proxy_labels, proxies)
 
 
 def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, memories: Mapping[str, ClusterMemory],
                     labels: np.ndarray, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ctx: DistContext, *,
                     lambda2: float, amp: bool = False, channels_last: bool = False,
                     teacher_model: torch.nn.Module | None = None, mu: float = 0.0,
-                    term: GracefulTermination | None = None, epoch: int = 0, steps: int | None = None) -> dict[str, float]:
+                    term: GracefulTermination | None = None, epoch: int = 0, steps: int | None = None,
+                    proxies: Mapping[str, CameraProxyMemory] | None = None, proxy_labels: np.ndarray | None = None,
+                    camera_proxy: float = 0.0) -> dict[str, float]:
     """One optimiser step per batch (images, indices into the train records): memory cross-entropy
     of every view against `labels[indices]`, plus `mu` × the distillation towards `teacher_model`
     when given (SPEC §4–§5); the memories are updated with the whole global batch after each step.
+    With `proxies`, each view's cross-entropy gets `camera_proxy` × the camera-proxy term
+    (train.camera_proxy; off in the paper), and the proxies are updated like the memories.
 
-    Returns the mean per step of "loss" and "ce_<view>" (and "distill_<view>" with a teacher),
-    averaged over the ranks. `steps` only sizes the progress bar.
+    Returns the mean per step of "loss" and "ce_<view>" (and "distill_<view>" with a teacher,
+    "camproxy_<view>" with proxies), averaged over the ranks. `steps` only sizes the progress bar.
     """
     device = ctx.device
     labels_t = torch.as_tensor(labels, dtype=torch.long, device=device)
+    proxy_t = None if proxies is None else torch.as_tensor(proxy_labels, dtype=torch.long, device=device)
     net.train()
     keys = ["loss", *(f"ce_{v}" for v in VIEWS)]
     if teacher_model is not None:
         keys += [f"distill_{v}" for v in VIEWS]
+    if proxies is not None:
+        keys += [f"camproxy_{v}" for v in VIEWS]
     sums = dict.fromkeys(keys, 0.0)
     done = 0
     bar = Progress(steps, f"epoch {epoch}", enabled=ctx.is_main)  # a bar on a terminal, else log lines
@@ -172,12 +194,18 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, memo
             out = net(images)
         out = {v: out[v].float() for v in VIEWS}
         ce = {v: memories[v](out[v], targets) for v in VIEWS}
+        camproxy = None
+        if proxies is not None:
+            camproxy = {v: proxies[v](out[v], targets) for v in VIEWS}
+            ce_terms = {v: ce[v] + camera_proxy * camproxy[v] for v in VIEWS}
+        else:
+            ce_terms = ce
         distill = None
         if teacher_model is not None:
             with torch.no_grad(), autocast_context(device, amp):
                 teacher_out = teacher_model(images)
             distill = {v: distillation_loss(out[v], teacher_out[v].float()) for v in VIEWS}
-        loss = purification_loss(ce, distill, lambda2=lambda2, mu=mu)
+        loss = purification_loss(ce_terms, distill, lambda2=lambda2, mu=mu)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: the loss became {loss.item()}; lower train.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -185,13 +213,19 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, memo
         optimizer.step()
         # The memories must see the whole global batch, in batch order, on every rank.
         all_targets = ctx.all_gather_cat(targets)
+        all_proxy_targets = None if proxy_t is None else ctx.all_gather_cat(proxy_t[indices.to(device)])
         for v in VIEWS:
-            memories[v].update(ctx.all_gather_cat(out[v].detach()), all_targets)
+            all_out = ctx.all_gather_cat(out[v].detach())
+            memories[v].update(all_out, all_targets)
+            if proxies is not None:
+                proxies[v].update(all_out, all_proxy_targets)
         sums["loss"] += loss.item()
         for v in VIEWS:
             sums[f"ce_{v}"] += ce[v].item()
             if distill is not None:
                 sums[f"distill_{v}"] += distill[v].item()
+            if camproxy is not None:
+                sums[f"camproxy_{v}"] += camproxy[v].item()
         done += 1
         bar.update(1)
     bar.close()
@@ -239,7 +273,8 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
     tic = time.time()
     losses = train_one_epoch(net, optimizer, targets.memories, targets.labels, batches, ctx, lambda2=train["lambda2"],
                              amp=train["amp"], channels_last=train["channels_last"], teacher_model=distill_from, mu=mu,
-                             term=run.term, epoch=plan.epoch, steps=plan.iters)
+                             term=run.term, epoch=plan.epoch, steps=plan.iters, proxies=targets.proxies,
+                             proxy_labels=targets.proxy_labels, camera_proxy=train["camera_proxy"])
     train_s = time.time() - tic
     if run.teacher is not None:  # a student logs its distillation terms, 0 when student.mu is 0
         for v in VIEWS:
@@ -308,6 +343,9 @@ def train(
 
     label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
     pretrained = model_cfg["pretrained"]
+    advice = fine_tuning_advice(pretrained, train_cfg["lr"]) if ctx.is_main else None
+    if advice:
+        log.warning("%s", advice)
     if pretrained == "source":
         if source_weights is None:
             raise ValueError("model.pretrained is 'source' but no source weights were given "
