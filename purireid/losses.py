@@ -120,11 +120,11 @@ class CameraProxyMemory(nn.Module):
     def forward(self, features: Tensor, targets: Tensor) -> Tensor:
         sims = self.proxies.logits(features)  # [B, P]
         positive = self.proxy_classes.unsqueeze(0) == targets.to(sims.device).long().unsqueeze(1)
-        k = min(self.hard_negatives, int((~positive).sum(dim=1).min()))
-        parts = [sims.masked_fill(~positive, float("-inf"))]
-        if k > 0:  # the k most similar proxies of other classes
-            parts.append(sims.masked_fill(positive, float("-inf")).topk(k, dim=1).values)
-        log_norm = torch.logsumexp(torch.cat(parts, dim=1), dim=1)
+        # The k most similar proxies of other classes; a row with fewer gets -inf entries, which
+        # add nothing, so each image's term does not depend on the rest of the batch (as DDP needs).
+        k = min(self.hard_negatives, sims.shape[1])
+        negatives = sims.masked_fill(positive, float("-inf")).topk(k, dim=1).values
+        log_norm = torch.logsumexp(torch.cat([sims.masked_fill(~positive, float("-inf")), negatives], dim=1), dim=1)
         mean_positive = (sims * positive).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
         return (log_norm - mean_positive).mean()
 

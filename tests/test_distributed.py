@@ -97,10 +97,11 @@ def dataset(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(dataset) -> dict:
-    """The teacher trained by one process (bn_groups 2) and by 2 DDP processes (bn_groups 2)."""
+    """The teacher trained by one process (bn_groups 2) and by 2 DDP processes (bn_groups 2), with
+    the camera-proxy term on so that its gathered updates are compared too."""
     root, manifest = dataset["root"], dataset["manifest"]
-    single = tiny_config(dataset["data_root"], model={"bn_groups": 2}, train={"gpus": 1})
-    ddp = tiny_config(dataset["data_root"], model={"bn_groups": 2}, train={"gpus": 2})
+    single = tiny_config(dataset["data_root"], model={"bn_groups": 2}, train={"gpus": 1, "camera_proxy": 0.5})
+    ddp = tiny_config(dataset["data_root"], model={"bn_groups": 2}, train={"gpus": 2, "camera_proxy": 0.5})
     seconds = {"single": run_stage(root / "single", single, manifest),
                "ddp": run_stage(root / "ddp", ddp, manifest)}
     print(f"teacher, {EPOCHS} epochs x {ITERS} steps: one process {seconds['single']:.1f} s, "
@@ -118,7 +119,7 @@ def test_ddp_training_matches_one_process_with_the_same_bn_groups(runs):
     assert lb[0]["mAP"] == pytest.approx(la[0]["mAP"], abs=1e-6)
     for ra, rb in zip(la[1:], lb[1:]):
         assert (ra["clusters"], ra["outliers"]) == (rb["clusters"], rb["outliers"])
-        for key in ["loss", *(f"ce_{v}" for v in VIEWS)]:
+        for key in ["loss", *(f"ce_{v}" for v in VIEWS), *(f"camproxy_{v}" for v in VIEWS)]:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (rb["epoch"], key)
     # Tolerance. The two runs differ only by float rounding (DDP all-reduces the two half-batch
     # gradients, one process sums the whole batch). Adam divides each gradient by its own

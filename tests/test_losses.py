@@ -199,6 +199,11 @@ def test_camera_proxy_loss_vs_manual_with_hard_negatives():
         log_norm = torch.logsumexp(torch.cat([pos, neg]), 0)
         manual.append((log_norm - pos).mean())
     assert mem(feats, targets).item() == pytest.approx(torch.stack(manual).mean().item(), rel=1e-5)
+    # An image's term does not depend on the rest of the batch (DDP splits batches), also when
+    # its class has fewer other-class proxies than hard_negatives.
+    wide = CameraProxyMemory(proxies, classes, temperature=0.1, hard_negatives=50)
+    whole = torch.stack([wide(feats[i:i + 1], targets[i:i + 1]) for i in range(4)]).mean()
+    assert wide(feats, targets).item() == pytest.approx(whole.item(), rel=1e-6)
 
 
 def test_camera_proxy_gradient_pulls_towards_the_other_cameras_proxy():
