@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -31,14 +33,27 @@ def test_label_epoch_builds_memories_from_the_sources_labels_and_features():
     features = {v: torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((6, 4)).astype(np.float32)),
                                                  dim=1) for v in VIEWS}
     source = TrueLabels([5, 5, 8, 8, 8, -1], batch_size=4, num_instances=2, features=features)
-    config = {"train": {"temperature": 0.05}}
+    config = {"train": {"temperature": 0.05, "camera_proxy": 0.0}}
     targets = label_epoch(None, source, [None] * 6, config, DistContext(), epoch=0, memory_momentum=1.0)
     assert targets.labels.tolist() == [0, 0, 1, 1, 1, -1] and targets.num_classes == 2
+    assert targets.proxies is None and targets.proxy_labels is None
     for v in VIEWS:
         centres = torch.stack([features[v][:2].mean(0), features[v][2:5].mean(0)])
         expected = torch.nn.functional.normalize(centres, dim=1)
         assert torch.allclose(targets.memories[v].memory, expected, atol=1e-6), v
         assert targets.memories[v].momentum == 1.0
+
+    # train.camera_proxy > 0: a proxy per (class, camera), from those images' features
+    records = [SimpleNamespace(camid=c) for c in (0, 1, 2, 2, 0, 1)]
+    config = {"train": {"temperature": 0.05, "camera_proxy": 0.5}}
+    targets = label_epoch(None, source, records, config, DistContext(), epoch=0, memory_momentum=0.5)
+    assert targets.proxy_labels.tolist() == [0, 1, 3, 3, 2, -1]  # (0,0) (0,1) (1,0) (1,2)
+    for v in VIEWS:
+        f = features[v]
+        expected = torch.nn.functional.normalize(torch.stack([f[0], f[1], f[4], (f[2] + f[3]) / 2]), dim=1)
+        assert torch.allclose(targets.proxies[v].proxies.memory, expected, atol=1e-6), v
+        assert targets.proxies[v].proxy_classes.tolist() == [0, 0, 1, 1]
+        assert targets.proxies[v].proxies.momentum == 0.5
 
 
 def test_cluster_check_is_a_degenerate_labels_error():
