@@ -128,6 +128,10 @@ def test_paper_presets_keep_the_faithful_options():
             assert config["train"]["momentum"] == 0.1
             assert config["model"]["pretrained"] == "imagenet"
             assert config["supervised_reference"] is False
+            assert config["train"]["camera_proxy"] == 0.0
+            # the source row's ImageNet-initialised source fine-tunes at the paper's rate, not at
+            # config.yaml's from-scratch source rate
+            assert source_config(config)["train"]["lr"] == config["train"]["lr"] == 0.00035
 
 
 # ---------------------------------------------------------------- source config
