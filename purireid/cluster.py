@@ -82,7 +82,7 @@ def _fold_filter(codes: np.ndarray, values: np.ndarray, absent: np.float32, w: n
 
 def fuse_views(
     views: Sequence[Any], weights: Sequence[float], eps: float, *, k1: int = 30, k2: int = 6, backend: str = "auto",
-    stats: dict | None = None,
+    stats: dict | None = None, camids: Any = None, same_camera_offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs whose fused Jaccard distance sum_v w_v·D_v may be within eps: sorted upper-triangle
     codes i*N + j (diagonal included) and their float32 fused distances, bit-identical to the
@@ -100,7 +100,8 @@ def fuse_views(
         w = np.float32(w)
         taken = np.zeros(len(codes), dtype=bool)
         fold = _fold_filter(codes, values, absent, w, limit, taken)
-        new_codes, new_values = jaccard_pairs(x, k1, k2, backend=backend, pair_filter=fold, stats=stats)
+        new_codes, new_values = jaccard_pairs(x, k1, k2, backend=backend, pair_filter=fold, stats=stats,
+                                              camids=camids, same_camera_offset=same_camera_offset)
         # Survivors not kept by `fold` are absent from this view (d = 1), or stored with a fused
         # value beyond eps, which d = 1 only makes larger: evaluating them with d = 1 is exact.
         rest_values = values[~taken] + w * np.float32(1.0)
@@ -135,10 +136,14 @@ def pseudo_labels(
     min_samples: int = 4,
     backend: str = "auto",
     stats: dict | None = None,
+    camids: Any = None,
+    same_camera_offset: float = 0.0,
 ) -> np.ndarray:
     """DBSCAN labels (int64, -1 = outlier) of the fused Jaccard distance of the three views
     (a mapping keyed by VIEWS, or a sequence in VIEWS order), SPEC §3.2-3.4.
 
+    `same_camera_offset` (with `camids`) is added to same-camera squared distances before the
+    Jaccard distance of each view (`purireid.jaccard.jaccard_pairs`; 0 = the paper).
     `backend` picks the kNN candidate search only (labels are identical). `stats`, if given,
     accumulates seconds ("knn_s", "jaccard_s" including the fusion, "dbscan_s") and counts
     ("uncertified_rows", "rescored_pairs", "fused_pairs")."""
@@ -150,7 +155,8 @@ def pseudo_labels(
         raise ValueError(f"the three views must have the same number of rows, got {[len(f) for f in feats]}")
     n = sizes.pop()
     weights = (1 - 2 * lambda1, lambda1, lambda1)
-    codes, values = fuse_views(feats, weights, eps, k1=k1, k2=k2, backend=backend, stats=stats)
+    codes, values = fuse_views(feats, weights, eps, k1=k1, k2=k2, backend=backend, stats=stats,
+                               camids=camids, same_camera_offset=same_camera_offset)
     t0 = time.perf_counter()
     # Every view stores its zero diagonal, so the fused diagonal is an explicit 0 (<= eps):
     # a point is its own neighbour, as with a dense matrix (SPEC §3.4).

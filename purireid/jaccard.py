@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import torch
 
 from purireid.log import get_logger
-from purireid.neighbours import as_feature_tensor, exact_lists, prefix_exact_lists
+from purireid.neighbours import as_feature_tensor, exact_lists, offset_lists, prefix_exact_lists
 
 __all__ = ["jaccard_distance", "jaccard_pairs", "pairs_to_csr", "rerank_distance"]
 
@@ -256,10 +256,14 @@ def pairs_to_csr(codes: np.ndarray, values: np.ndarray, n: int) -> sp.csr_matrix
 
 def jaccard_pairs(
     features: Any, k1: int = 30, k2: int = 6, *, backend: str = "auto", pair_filter: PairFilter | None = None,
-    stats: dict | None = None,
+    stats: dict | None = None, camids: Any = None, same_camera_offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Upper triangle of the Jaccard distance of SPEC §3.2: sorted pair codes i*N + j (i <= j)
     and float32 distances of every pair with distance < 1 (diagonal zeros included).
+
+    `same_camera_offset` > 0 (with `camids`, one per row) adds that constant to the squared
+    distance of two images of the same camera before the neighbour lists and their weights:
+    the k-reciprocal sets then reach across cameras (0 = SPEC §3.2).
 
     `pair_filter`, if given, is applied to each block of (codes, distances) as it is computed
     and returns what to keep (the values may be replaced); blocks cover disjoint code ranges
@@ -272,7 +276,12 @@ def jaccard_pairs(
     length = min(k1, n)  # the released code's kNN returns k1 columns: the cap of SPEC §3.2
     half = int(np.around(k1 / 2))
     # Only the sets of the first k2, half+1 and k1+1 entries matter (capped at the list length).
-    lists = prefix_exact_lists(x, length, (k2, half + 1, k1 + 1), backend=backend)
+    if same_camera_offset:
+        if camids is None:
+            raise ValueError("same_camera_offset needs the camera id of every row (camids=...)")
+        lists = offset_lists(x, length, camids, same_camera_offset, backend=backend)
+    else:
+        lists = prefix_exact_lists(x, length, (k2, half + 1, k1 + 1), backend=backend)
     t1 = time.perf_counter()
     pattern = _expanded_sets(lists.indices, k1)
     rows = np.repeat(np.arange(n), np.diff(pattern.indptr))

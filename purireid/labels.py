@@ -120,7 +120,8 @@ class PseudoLabels(LabelSource):
 
     With `cluster.camera_centre` each view's features are camera-centred (`camera_centred`,
     `camids`: the train records' cameras) before the distance; the memories are still built
-    from the features themselves."""
+    from the features themselves. `cluster.same_camera_offset` raises same-camera distances
+    before the k-reciprocal lists (`pseudo_labels`)."""
 
     role = "teacher"
 
@@ -130,8 +131,9 @@ class PseudoLabels(LabelSource):
         self.config = config
         self.features = features
         self.camids = None if camids is None else np.asarray(camids, dtype=np.int64)
-        if self.cluster.get("camera_centre") and self.camids is None:
-            raise ValueError("cluster.camera_centre needs the train records' camera ids (camids=...)")
+        for key in ("camera_centre", "same_camera_offset"):
+            if self.cluster.get(key) and self.camids is None:
+                raise ValueError(f"cluster.{key} needs the train records' camera ids (camids=...)")
 
     def assign(self, features: Mapping[str, torch.Tensor], *, epoch: int) -> np.ndarray:
         cluster = self.cluster
@@ -139,7 +141,8 @@ class PseudoLabels(LabelSource):
         if cluster.get("camera_centre"):
             views = [camera_centred(torch.as_tensor(f), self.camids) for f in views]
         return pseudo_labels(views, k1=cluster["k1"], k2=cluster["k2"],
-                             lambda1=cluster["lambda1"], eps=cluster["eps"], min_samples=cluster["min_samples"])
+                             lambda1=cluster["lambda1"], eps=cluster["eps"], min_samples=cluster["min_samples"],
+                             camids=self.camids, same_camera_offset=cluster.get("same_camera_offset", 0.0))
 
     def check(self, labels: np.ndarray, *, epoch: int) -> int:
         return check_clusters(labels, self.config, epoch)

@@ -39,7 +39,7 @@ from purireid.log import get_logger
 
 __all__ = [
     "BACKENDS", "NeighbourLists", "ExactKeys", "as_feature_tensor", "resolve_backend", "calibrated_cpu_backend",
-    "exact_lists", "prefix_exact_lists", "knn",
+    "exact_lists", "prefix_exact_lists", "offset_lists", "knn",
 ]
 
 log = get_logger("neighbours")
@@ -352,12 +352,16 @@ def _sort_lists(cand: np.ndarray, keys: np.ndarray, length: int) -> tuple[np.nda
     return np.take_along_axis(cand, order, 1), np.take_along_axis(keys, order, 1)
 
 
-def _recompute_rows(x: torch.Tensor, norms: np.ndarray, rows: np.ndarray, length: int):
-    """Exact lists (indices, keys) and row maxima of `rows` from their full rows, 256 at a time."""
+def _recompute_rows(x: torch.Tensor, norms: np.ndarray, rows: np.ndarray, length: int,
+                    offset: _GroupOffset | None = None):
+    """Exact lists (indices, keys) and row maxima of `rows` from their full rows, 256 at a time
+    (keys plus the group offset, if given)."""
     n = x.shape[0]
     for s in range(0, len(rows), 256):
         part = rows[s : s + 256]
         full = _full_rows(x, norms, part)
+        if offset is not None:
+            full += offset.of(np.repeat(part, n), np.tile(np.arange(n), len(part))).reshape(full.shape)
         row_max = full.max(axis=1)
         full[np.arange(len(part)), part] = -1.0
         allc = np.broadcast_to(np.arange(n, dtype=np.int64), full.shape)
@@ -381,7 +385,7 @@ class NeighbourLists:
     indices: np.ndarray
     keys: np.ndarray | None
     row_max: np.ndarray | None
-    exact_keys: ExactKeys
+    exact_keys: ExactKeys | OffsetKeys
     uncertified_rows: int
 
 
@@ -497,6 +501,67 @@ def prefix_exact_lists(x: torch.Tensor, length: int, sizes: Sequence[int], *, ba
     log.debug("prefix_exact_lists: N=%d length=%d backend=%s uncertified rows %d, re-scored pairs %d",
               n, length, backend, len(bad_rows), len(table))
     return NeighbourLists(idx, None, None, table, len(bad_rows))
+
+
+class _GroupOffset:
+    """A constant added to the key of every pair of distinct points in the same group."""
+
+    def __init__(self, groups: np.ndarray, offset: float):
+        self.groups, self.offset = groups, np.float32(offset)
+
+    def of(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.where((self.groups[i] == self.groups[j]) & (i != j), self.offset, np.float32(0.0))
+
+
+class OffsetKeys:
+    """`ExactKeys` seen through a group offset: get(i, j) = exact key + offset when i != j
+    share a group (what `offset_lists` ranks by, and what the Jaccard weights then use)."""
+
+    def __init__(self, table: ExactKeys, offset: _GroupOffset):
+        self.table, self.offset = table, offset
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        return self.table.get(i, j) + self.offset.of(i, j)
+
+
+def offset_lists(x: torch.Tensor, length: int, groups: np.ndarray | Sequence[int], offset: float, *,
+                 backend: str = "auto") -> NeighbourLists:
+    """Exact neighbour lists (self first, then by (key, index)) of the key plus `offset` for
+    every pair of distinct points in the same group, e.g. the same camera: with offset > 0 a
+    point's neighbours come more from other groups. The returned keys and `exact_keys` carry
+    the offset.
+
+    Certified like `exact_lists`: the offset only raises keys, so a non-candidate's offset key
+    is still >= the plain search's lower bound. Four times the list's length is fetched, as
+    same-group candidates may drop out of the list; rows the bounds cannot certify are
+    recomputed against all points."""
+    n = x.shape[0]
+    group_ids = np.asarray(groups).reshape(-1)
+    if len(group_ids) != n:
+        raise ValueError(f"{len(group_ids)} group ids for {n} points")
+    if offset < 0:
+        raise ValueError(f"the same-group offset must be >= 0, got {offset}")
+    shift = _GroupOffset(group_ids, offset)
+    x, backend, norms, table = _prepare(x, backend)
+    n_near = min(n - 1, 4 * (length - 1) + _EXTRA_CANDIDATES)
+    cand = _candidates(x, norms, n_near, 0, backend)
+    lower = np.full(n, np.inf) if n_near == n - 1 else cand.lower  # all points are candidates
+    allc = np.concatenate([np.arange(n, dtype=np.int64)[:, None], cand.near], axis=1)
+    rows = np.repeat(np.arange(n), allc.shape[1])
+    keys = (table.get(rows, allc.ravel()) + shift.of(rows, allc.ravel())).reshape(allc.shape)
+    del cand, rows
+    keys[:, 0] = -1.0
+    idx, lkeys = _sort_lists(allc, keys, length)
+    bad_rows = np.flatnonzero(lkeys[:, -1].astype(np.float64) >= lower - 2.0 / _GRID)
+    for part, ridx, rkeys, _ in _recompute_rows(x, norms, bad_rows, length, shift):
+        idx[part], lkeys[part] = ridx, rkeys
+    lkeys[:, 0] = 0.0
+    log.debug("offset_lists: N=%d length=%d offset=%s uncertified rows %d", n, length, offset, len(bad_rows))
+    return NeighbourLists(idx, lkeys, None, OffsetKeys(table, shift), len(bad_rows))
 
 
 def knn(features: Any, k: int, *, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:

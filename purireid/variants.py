@@ -65,9 +65,12 @@ BUILTIN_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "student", {"train": {"momentum": 0.5}}),
     Variant("camera_proxy", "full method, plus the camera-proxy term (train.camera_proxy 0.5): each pseudo-identity's "
             "proxy in every camera pulls its images together", "student", {"train": {"camera_proxy": 0.5}}),
+    Variant("same_camera_offset", "full method, same-camera distances raised by 0.3 before the k-reciprocal lists "
+            "(cluster.same_camera_offset)", "student", {"cluster": {"same_camera_offset": 0.3}}),
     Variant("paper_recipe", "full method without the camera-robust options: ImageNet input normalisation, "
-            "no camera centring, memory momentum 0.1, as in the paper", "student",
-            {"model": {"input_norm": "imagenet"}, "cluster": {"camera_centre": False}, "train": {"momentum": 0.1}}),
+            "no camera centring or same-camera offset, memory momentum 0.1, as in the paper", "student",
+            {"model": {"input_norm": "imagenet"}, "cluster": {"camera_centre": False, "same_camera_offset": 0.0},
+             "train": {"momentum": 0.1}}),
 )}
 
 

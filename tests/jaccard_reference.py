@@ -69,8 +69,12 @@ def k_reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
     return np.array([j for j in forward if i in rank[j, : k + 1]], dtype=np.int64)
 
 
-def v_matrix(x: np.ndarray, k1: int, k2: int, list_len: int, weight_fn=None) -> tuple[np.ndarray, np.ndarray]:
+def v_matrix(x: np.ndarray, k1: int, k2: int, list_len: int, weight_fn=None,
+             key_offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     keys = dense_keys(x)
+    if key_offset is not None:  # float32, added to the off-diagonal keys (the same-camera offset)
+        keys = (keys + key_offset.astype(np.float32)).astype(np.float32)
+        np.fill_diagonal(keys, 0.0)
     n = keys.shape[0]
     rank = ranking(keys, list_len)
     half = int(np.around(k1 / 2))
@@ -108,9 +112,9 @@ def jaccard_from_v(V: np.ndarray, rows=None) -> np.ndarray:
     return np.stack(out)
 
 
-def jaccard_reference(x: np.ndarray, k1: int = 30, k2: int = 6) -> np.ndarray:
+def jaccard_reference(x: np.ndarray, k1: int = 30, k2: int = 6, key_offset: np.ndarray | None = None) -> np.ndarray:
     n = len(x)
-    V, _ = v_matrix(x, k1, k2, list_len=min(k1, n))
+    V, _ = v_matrix(x, k1, k2, list_len=min(k1, n), key_offset=key_offset)
     return jaccard_from_v(V)
 
 

@@ -70,8 +70,10 @@ def test_variant_overlays_are_the_papers_rows():
     assert runs["multiview_labels"]["cluster"]["lambda1"] == runs[BASE_RUN]["cluster"]["lambda1"] > 0
     # config.yaml's recipe has the camera-robust options on; its paper_recipe row turns them off.
     assert runs[BASE_RUN]["cluster"]["camera_centre"] is True
-    assert (runs["paper_recipe"]["model"]["input_norm"], runs["paper_recipe"]["cluster"]["camera_centre"],
-            runs["paper_recipe"]["train"]["momentum"]) == ("imagenet", False, 0.1)
+    assert runs[BASE_RUN]["cluster"]["same_camera_offset"] == 0.3
+    paper = runs["paper_recipe"]
+    assert (paper["model"]["input_norm"], paper["cluster"]["camera_centre"], paper["cluster"]["same_camera_offset"],
+            paper["train"]["momentum"]) == ("imagenet", False, 0.0, 0.1)
     assert BUILTIN_VARIANTS["camera_centre"].overlay == {"cluster": {"camera_centre": True}}
 
 

@@ -97,3 +97,40 @@ def test_rerank_equals_dense_reference(k1, k2, lam):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     got_t = jaccard.rerank_distance(torch.from_numpy(q), torch.from_numpy(g), k1=k1, k2=k2, lambda_value=lam)
     np.testing.assert_array_equal(got_t, got)
+
+
+def _offset_jaccard(x, cams, offset, k1, k2, **kw):
+    codes, values = jaccard.jaccard_pairs(x, k1, k2, camids=cams, same_camera_offset=offset, **kw)
+    return jaccard.pairs_to_csr(codes, values, len(x))
+
+
+@pytest.mark.parametrize("offset,k1,k2,seed,quant", [(0.3, 20, 6, 0, False), (1.5, 16, 3, 1, True), (0.05, 25, 1, 2, False)])
+def test_same_camera_offset_equals_dense_reference(offset, k1, k2, seed, quant):
+    # cluster.same_camera_offset: the offset is part of the key for the lists and the V weights.
+    x = ref.clustered(150, seed=seed, quantise=quant, duplicates=6 if quant else 0)
+    cams = np.random.default_rng(seed).integers(0, 3, len(x))
+    key_offset = np.float32(offset) * (cams[:, None] == cams[None, :])
+    expected = ref.jaccard_reference(x, k1, k2, key_offset=key_offset)
+    assert_same_jaccard(_offset_jaccard(x, cams, offset, k1, k2, backend="bf16"), expected)
+    # ... and the offset changes the distance (the test can tell it from the plain one)
+    assert np.abs(expected - ref.jaccard_reference(x, k1, k2)).max() > 1e-3
+
+
+def test_same_camera_offset_uncertified_rows_fall_back_exactly(monkeypatch):
+    monkeypatch.setattr(neighbours, "_EXTRA_CANDIDATES", 0)
+    x = ref.clustered(120, seed=13)
+    cams = (np.arange(len(x)) % 10 == 0).astype(int)  # a rare camera: lists reach far past it
+    stats: dict = {}
+    got = jaccard.pairs_to_csr(*jaccard.jaccard_pairs(x, 30, 6, camids=cams, same_camera_offset=2.0, stats=stats),
+                               len(x))
+    assert stats["uncertified_rows"] > 0
+    key_offset = np.float32(2.0) * (cams[:, None] == cams[None, :])
+    assert_same_jaccard(got, ref.jaccard_reference(x, 30, 6, key_offset=key_offset))
+
+
+def test_same_camera_offset_needs_camera_ids():
+    x = ref.clustered(40, seed=3)
+    with pytest.raises(ValueError, match="camids"):
+        jaccard.jaccard_pairs(x, 10, 3, same_camera_offset=0.5)
+    with pytest.raises(ValueError, match="group ids"):
+        jaccard.jaccard_pairs(x, 10, 3, camids=np.zeros(39), same_camera_offset=0.5)

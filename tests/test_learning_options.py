@@ -15,7 +15,7 @@ from conftest import REPO, prepare_tiny_dataset, tiny_config
 
 from purireid import VIEWS
 from purireid.config import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
-from purireid.diagnostics import fine_tuning_advice, k1_advice, label_diagnostics
+from purireid.diagnostics import camera_advice, fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.labels import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
 
@@ -48,6 +48,15 @@ def test_k1_advice_flags_merged_and_too_small_clusters():
     assert "cluster.k1" in small and "e.g. 12" in small
     merged = k1_advice(10, 0.6, 90.0)
     assert "merged" in merged and "cluster.eps" in merged
+
+
+def test_camera_advice_flags_clusters_confined_to_one_camera():
+    assert camera_advice(0.5, 6, True, 0.3) is None
+    assert camera_advice(0.1, 1, False, 0.0) is None  # one camera: nothing to cross
+    assert camera_advice(None, 6, False, 0.0) is None  # no clusters
+    advice = camera_advice(0.1, 3, False, 0.0)
+    assert "10 %" in advice and "cluster.camera_centre" in advice and "cluster.same_camera_offset" in advice
+    assert "camera_centre" not in camera_advice(0.2, 3, True, 0.3)
 
 
 def test_fine_tuning_advice_flags_a_from_scratch_rate_on_pretrained_weights():
@@ -111,10 +120,25 @@ def test_camera_centring_lets_clusters_cross_cameras():
     assert centred_d["ari"] > 0.8
 
 
+def test_same_camera_offset_lets_clusters_cross_cameras():
+    """cluster.same_camera_offset: with same-camera distances raised, the k-reciprocal sets and
+    the clusters reach across cameras even without camera centring."""
+    views, pids, cams = _camera_biased_views()
+    config = resolve_config({"cluster": {"k1": 6, "k2": 2, "eps": 0.6, "min_samples": 2}})
+    plain = label_diagnostics(PseudoLabels(config, camids=cams).assign(views, epoch=0), pids, cams)
+    assert plain["multi_camera_share"] == 0.0  # every cluster inside one camera
+    # the toy's camera offsets are large: same-camera squared distances ~2 below cross-camera ones
+    offset_config = resolve_config({"cluster": {**config["cluster"], "same_camera_offset": 2.0}})
+    offset = label_diagnostics(PseudoLabels(offset_config, camids=cams).assign(views, epoch=0), pids, cams)
+    assert offset["multi_camera_share"] >= 0.3
+    assert offset["ari"] > plain["ari"] + 0.25
+
+
 def test_camera_centring_needs_camera_ids():
-    config = resolve_config({"cluster": {"camera_centre": True}})
-    with pytest.raises(ValueError, match="camera ids"):
-        PseudoLabels(config)
+    for key, value in (("camera_centre", True), ("same_camera_offset", 0.3)):
+        config = resolve_config({"cluster": {key: value}})
+        with pytest.raises(ValueError, match="camera ids"):
+            PseudoLabels(config)
 
 
 def test_paper_presets_keep_the_faithful_options():
@@ -124,6 +148,7 @@ def test_paper_presets_keep_the_faithful_options():
         path = REPO / "config" / "presets" / f"{preset}.yaml"
         for config in (resolve_config(yaml.safe_load(path.read_text())), load_config(REPO / "config.yaml", path)):
             assert config["cluster"]["camera_centre"] is False
+            assert config["cluster"]["same_camera_offset"] == 0.0
             assert config["model"]["input_norm"] == "imagenet"
             assert config["train"]["momentum"] == 0.1
             assert config["model"]["pretrained"] == "imagenet"

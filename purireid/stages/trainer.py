@@ -35,7 +35,7 @@ import torch
 from purireid import VIEWS
 from purireid.cluster import cluster_centres
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.diagnostics import fine_tuning_advice, k1_advice, label_diagnostics
+from purireid.diagnostics import camera_advice, fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.distributed import DistContext
 from purireid.evaluation import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.features import autocast_context
@@ -283,9 +283,12 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
     # Diagnostics against the true identities: logged, never fed back into training.
     diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids)
     if isinstance(plan.labels, PseudoLabels) and plan.index == 0 and ctx.is_main:
-        advice = k1_advice(config["cluster"]["k1"], config["cluster"]["eps"], diagnostics["mean_cluster_size"])
-        if advice:
-            log.warning("epoch %d: %s", plan.epoch, advice)
+        cluster = config["cluster"]
+        for advice in (k1_advice(cluster["k1"], cluster["eps"], diagnostics["mean_cluster_size"]),
+                       camera_advice(diagnostics["multi_camera_share"], len(np.unique(run.train_camids)),
+                                     cluster.get("camera_centre", False), cluster.get("same_camera_offset", 0.0))):
+            if advice:
+                log.warning("epoch %d: %s", plan.epoch, advice)
     record: dict[str, Any] = {
         "epoch": plan.epoch,
         "phase": PHASE_WARMUP if plan.epoch < 0 else PHASE_TRAIN,
