@@ -72,7 +72,9 @@ def test_teacher_stage_writes_model_log_curve_and_clears_state(dataset, teacher)
     epochs = [r for r in lines[1:]]
     assert [r["epoch"] for r in epochs] == [0, 1]
     for r in epochs:
-        assert r["clusters"] >= 4 and r["outliers"] >= 0 and 0 < r["purity"] <= 1
+        # at least the 2 pseudo-identities a batch of 8 = 2 x 4 needs (the tiny set's 12
+        # identities in 3 cameras merge into few clusters with config.yaml's same-camera offset)
+        assert r["clusters"] >= 2 and r["outliers"] >= 0 and 0 < r["purity"] <= 1
         assert np.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["mAP"] is not None
     assert (teacher["model_out"].parent / "config.yaml").exists()
 
