@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import runpy
+import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -83,3 +85,22 @@ def small_tmpfs(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
+    """The whole DAG of the tiny config, run once per session: (folder, snakemake's process, seconds).
+    Tests that run Snakemake again take their own copy (`copy_of_tiny_dag`) and leave it untouched."""
+    from test_workflow import TINY, snakemake
+
+    workdir = tmp_path_factory.mktemp("tiny_dag")
+    start = time.monotonic()
+    proc = snakemake(workdir, "--cores", "2", "--configfile", str(TINY))
+    return workdir, proc, time.monotonic() - start
+
+
+def copy_of_tiny_dag(tiny_dag: tuple[Path, subprocess.CompletedProcess, float], target: Path) -> Path:
+    """A copy of the finished tiny run in `target`, .snakemake metadata and modification times
+    included, so Snakemake sees its outputs up to date as in the original."""
+    shutil.copytree(tiny_dag[0], target, symlinks=True, dirs_exist_ok=True)
+    return target

@@ -15,6 +15,7 @@ import yaml
 from purireid.ablation import to_csv, to_markdown, variant_row
 from purireid.config import ConfigError, deep_merge, load_config
 from purireid.variants import BASE_RUN, BUILTIN_VARIANTS, Runs, all_variants, describe_changes, run_configs
+from conftest import copy_of_tiny_dag
 from test_workflow import PRESETS, REPO, TINY, planned_jobs, snakemake, write_yaml
 
 DEFAULT = REPO / "config.yaml"
@@ -75,6 +76,9 @@ def test_variant_overlays_are_the_papers_rows():
     assert (paper["model"]["input_norm"], paper["cluster"]["camera_centre"], paper["cluster"]["same_camera_offset"],
             paper["train"]["momentum"]) == ("imagenet", False, 0.0, 0.1)
     assert BUILTIN_VARIANTS["camera_centre"].overlay == {"cluster": {"camera_centre": True}}
+    # the crop border is scaled to config.yaml's 64x32 input; paper_crop keeps the paper's 10 px
+    crop = runs_of({"ablation": {"variants": ["paper_crop"]}})
+    assert runs[BASE_RUN]["train"]["crop_pad"] == 2 and crop["paper_crop"]["train"]["crop_pad"] == 10
 
 
 @pytest.mark.parametrize(
@@ -145,9 +149,9 @@ def test_a_shared_stage_is_not_run_again_under_a_variant(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_ablation(tmp_path_factory):
-    """The tiny config's configured run, then an ablation of three variants over it."""
-    workdir = tmp_path_factory.mktemp("ablation")
+def tiny_ablation(tiny_dag, tmp_path_factory):
+    """The tiny config's configured run (the session's, copied), then an ablation of three variants over it."""
+    workdir = copy_of_tiny_dag(tiny_dag, tmp_path_factory.mktemp("ablation"))
     variants = write_yaml(workdir / "variants.yaml", {
         "ablation": {"variants": ["baseline", "distillation", "no_distillation"],
                      "define": {"no_distillation": {"about": "the student without distillation", "model": "student",
@@ -155,7 +159,8 @@ def tiny_ablation(tmp_path_factory):
         "sweeps": {"mu": {"key": "student.mu", "values": [0.0, 1.0]}},
     })
     args = ["--configfile", str(TINY), str(variants)]
-    snakemake(workdir, "--cores", "2", *args)  # the configured run (default target)
+    configured = snakemake(workdir, "--cores", "2", *args)  # the configured run (default target)
+    assert "Nothing to be done" in configured.stdout + configured.stderr, "the copied run is up to date"
     dry = snakemake(workdir, "-n", "ablation", *args).stdout
     proc = snakemake(workdir, "--cores", "2", "ablation", *args)
     return workdir, args, dry, proc

@@ -99,22 +99,28 @@ def _photo(seed: int, size=(40, 90)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def test_batched_augmentation_equals_pil_path():
+@pytest.mark.parametrize("pad", [10, 2])  # the paper's border; config.yaml's at 64x32 (train.crop_pad)
+def test_batched_augmentation_equals_pil_path(pad):
     h, w = 64, 32
-    imgs = [_photo(s).resize((w, h), Image.BICUBIC) for s in range(16)]
-    p = sample_augmentation(np.random.default_rng(5), 16, h, w)
+    imgs = [_photo(s).resize((w, h), Image.BICUBIC) for s in range(64)]
+    p = sample_augmentation(np.random.default_rng(5), 64, h, w, pad=pad)
     assert p.flip.any() and (~p.flip).any() and p.erase.any() and (~p.erase).any()
-    pil = torch.stack([augment_pil(im, p, i) for i, im in enumerate(imgs)])
-    batch = augment_batch(torch.from_numpy(np.stack([np.array(im) for im in imgs])), p)
-    assert batch.shape == (16, 3, h, w) and batch.dtype == torch.float32
+    assert p.dy.max() <= 2 * pad and p.dx.max() <= 2 * pad
+    pil = torch.stack([augment_pil(im, p, i, pad=pad) for i, im in enumerate(imgs)])
+    batch = augment_batch(torch.from_numpy(np.stack([np.array(im) for im in imgs])), p, pad=pad)
+    assert batch.shape == (64, 3, h, w) and batch.dtype == torch.float32
     torch.testing.assert_close(batch, pil, rtol=0, atol=1e-6)
     i = int(np.flatnonzero(p.erase)[0])
     patch = batch[i, :, p.ey[i]:p.ey[i] + p.eh[i], p.ex[i]:p.ex[i] + p.ew[i]]
     assert torch.allclose(patch, torch.tensor(ERASE_VALUE).view(3, 1, 1).expand_as(patch))
-    j = int(np.flatnonzero(~p.erase & ~p.flip & (p.dy == 20))[0]) if (~p.erase & ~p.flip & (p.dy == 20)).any() else None
-    if j is not None:  # bottom 10 rows are padding: black after normalisation
-        black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1)
-        torch.testing.assert_close(batch[j, :, -1, :], black.expand(3, w))
+    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+    plain = np.flatnonzero(~p.erase & ~p.flip)
+    shifted = plain[p.dy[plain] > pad]  # shifted up by dy - pad rows: that many bottom rows are the border
+    assert len(shifted)
+    for j in shifted:
+        rows = int(p.dy[j]) - pad
+        torch.testing.assert_close(batch[j, :, h - rows:, :], black.expand(3, rows, w))
+        assert not torch.allclose(batch[j, :, h - rows - 1, :], black[:, 0].expand(3, w))
 
 
 def test_cache_equals_pil_resize_and_is_rebuilt_when_stale(tmp_path):
@@ -178,6 +184,22 @@ def _loader(root, **kw):
     recs = load_dataset("synthetic", root)["train"]
     base = dict(height=32, width=16, batch_size=8, num_instances=2, iters=3, seed=7)
     return recs, TrainLoader(recs, root, **{**base, **kw})
+
+
+def test_train_loader_crops_with_the_configured_border(synth, tmp_path):
+    """train.crop_pad reaches both loader paths: each batch is the cached images augmented with
+    that border (the paper's 10 px would shift a 16-px-wide image by up to 10 px)."""
+    root, _ = synth
+    recs, pil = _loader(root, crop_pad=1)
+    _, cached = _loader(root, crop_pad=1, use_cache=True, cache_dir=tmp_path / "cache")
+    _, paper = _loader(root, use_cache=True, cache_dir=tmp_path / "cache")
+    labels = np.array([r.pid for r in recs]) % 4
+    images = torch.from_numpy(np.array(open_image_cache(cached.cache_path)))
+    for k, (a, b, c) in enumerate(zip(pil.epoch(2, labels), cached.epoch(2, labels), paper.epoch(2, labels))):
+        params = sample_augmentation(epoch_rng(7, 2, 1, k), 8, 32, 16, pad=1)
+        torch.testing.assert_close(b[0], augment_batch(images[b[1]], params, pad=1), rtol=0, atol=0)
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
+        assert torch.equal(a[1], c[1]) and not torch.allclose(b[0], c[0])
 
 
 def test_train_loader_batches_ranks_and_paths(synth, tmp_path):

@@ -15,7 +15,7 @@ from conftest import REPO, prepare_tiny_dataset, tiny_config
 
 from purireid import VIEWS
 from purireid.config import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
-from purireid.diagnostics import camera_advice, fine_tuning_advice, k1_advice, label_diagnostics
+from purireid.diagnostics import camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.labels import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
 
@@ -64,6 +64,14 @@ def test_fine_tuning_advice_flags_a_from_scratch_rate_on_pretrained_weights():
     assert fine_tuning_advice("imagenet", 3.5e-4) is None  # the paper's fine-tuning
     advice = fine_tuning_advice("source", 1e-3)
     assert "train.lr" in advice and "0.00035" in advice
+
+
+def test_crop_pad_advice_flags_the_papers_border_on_small_inputs():
+    assert crop_pad_advice(10, 128) is None  # the paper: 10 px at 256x128
+    assert crop_pad_advice(2, 32) is None  # config.yaml's 64x32 default
+    advice = crop_pad_advice(10, 32)  # the paper's 10 px kept at 64x32: shifts of up to 31 %
+    assert "train.crop_pad" in advice and "31%" in advice and "near 2 " in advice
+    assert crop_pad_advice(10, 64) is None and crop_pad_advice(21, 128) is not None
 
 
 def test_the_source_row_fine_tunes_while_its_source_trains_from_scratch():
@@ -154,6 +162,7 @@ def test_paper_presets_keep_the_faithful_options():
             assert config["model"]["pretrained"] == "imagenet"
             assert config["supervised_reference"] is False
             assert config["train"]["camera_proxy"] == 0.0
+            assert config["train"]["crop_pad"] == 10  # the paper's border at 256x128
             # the source row's ImageNet-initialised source fine-tunes at the paper's rate, not at
             # config.yaml's from-scratch source rate
             assert source_config(config)["train"]["lr"] == config["train"]["lr"] == 0.00035

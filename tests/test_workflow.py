@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_of_tiny_dag
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -225,12 +226,10 @@ def test_partial_config_reaches_the_stage_resolved(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The whole DAG of the tiny config, run once for the slow tests of this module."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    start = time.monotonic()
-    proc = snakemake(workdir, "--cores", "2", "--configfile", str(TINY))
-    return workdir, proc, time.monotonic() - start
+def tiny_run(tiny_dag, tmp_path_factory):
+    """The whole DAG of the tiny config (run once per session), copied for this module's slow tests."""
+    _, proc, seconds = tiny_dag
+    return copy_of_tiny_dag(tiny_dag, tmp_path_factory.mktemp("tiny_run")), proc, seconds
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from purireid.data.datasets import Record
 from purireid.data.samplers import build_sampler, epoch_rng
 from purireid.data.transforms import (
-    AugParams, augment_batch, augment_pil, load_resized, normalise_batch, sample_augmentation,
+    PAD, AugParams, augment_batch, augment_pil, load_resized, normalise_batch, sample_augmentation,
     to_normalised_tensor,
 )
 from purireid.io import atomic_path, disk_full_error
@@ -106,7 +106,7 @@ class _TrainBatches(Dataset):
     def __getitem__(self, k: int):
         loader = self.loader
         rng = epoch_rng(loader.seed, self.epoch, 1, k)
-        params = sample_augmentation(rng, loader.batch_size, loader.height, loader.width)
+        params = sample_augmentation(rng, loader.batch_size, loader.height, loader.width, pad=loader.crop_pad)
         b = loader.batch_size // loader.world_size
         rows = slice(loader.rank * b, (loader.rank + 1) * b)
         params = params.take(rows)
@@ -119,7 +119,8 @@ class _TrainBatches(Dataset):
             return torch.from_numpy(self._cache[idx]), torch.from_numpy(idx), params
         root = Path(loader.data_root)
         images = torch.stack([
-            augment_pil(load_resized(root / loader.records[i].path, loader.height, loader.width), params, j)
+            augment_pil(load_resized(root / loader.records[i].path, loader.height, loader.width), params, j,
+                        pad=loader.crop_pad)
             for j, i in enumerate(idx)])
         return images, torch.from_numpy(idx)
 
@@ -135,7 +136,7 @@ class TrainLoader:
                  width: int = 128, batch_size: int = 256, num_instances: int = 16, iters: int = 200,
                  sampler: str = "camera", workers: int = 0, seed: int = 1, rank: int = 0,
                  world_size: int = 1, use_cache: bool = False, cache_dir: str | Path | None = None,
-                 device: str | torch.device = "cpu", progress: bool = False) -> None:
+                 device: str | torch.device = "cpu", progress: bool = False, crop_pad: int = PAD) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
@@ -145,6 +146,7 @@ class TrainLoader:
         self.records = list(records)
         self.data_root = str(data_root)
         self.height, self.width = height, width
+        self.crop_pad = crop_pad  # the pad + random crop augmentation's border, pixels per side
         self.batch_size, self.num_instances, self.iters = batch_size, num_instances, iters
         self.sampler, self.workers, self.seed = sampler, workers, seed
         self.rank, self.world_size = rank, world_size
@@ -178,7 +180,7 @@ class TrainLoader:
         for item in loader:
             if self.use_cache:
                 images, idx, params = item
-                yield augment_batch(images.to(self.device, non_blocking=True), params), idx
+                yield augment_batch(images.to(self.device, non_blocking=True), params, pad=self.crop_pad), idx
             else:
                 images, idx = item
                 yield images.to(self.device, non_blocking=True), idx

@@ -35,7 +35,7 @@ import torch
 from purireid import VIEWS
 from purireid.cluster import cluster_centres
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.diagnostics import camera_advice, fine_tuning_advice, k1_advice, label_diagnostics
+from purireid.diagnostics import camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.distributed import DistContext
 from purireid.evaluation import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.features import autocast_context
@@ -346,9 +346,10 @@ def train(
 
     label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
     pretrained = model_cfg["pretrained"]
-    advice = fine_tuning_advice(pretrained, train_cfg["lr"]) if ctx.is_main else None
-    if advice:
-        log.warning("%s", advice)
+    for advice in (fine_tuning_advice(pretrained, train_cfg["lr"]),
+                   crop_pad_advice(train_cfg["crop_pad"], config["data"]["width"])):
+        if advice and ctx.is_main:
+            log.warning("%s", advice)
     if pretrained == "source":
         if source_weights is None:
             raise ValueError("model.pretrained is 'source' but no source weights were given "
@@ -412,7 +413,7 @@ def train(
                          batch_size=train_cfg["batch_size"], num_instances=train_cfg["num_instances"],
                          iters=train_cfg["iters"], sampler=train_cfg["sampler"], workers=data["workers"],
                          seed=config["seed"], rank=ctx.rank, world_size=ctx.world_size, use_cache=data["use_cache"],
-                         cache_dir=cache_dir, device=device)
+                         cache_dir=cache_dir, device=device, crop_pad=train_cfg["crop_pad"])
     title = f"{role} ({config['dataset']})"
     with GracefulTermination() as term:
         run = TrainingRun(config, ctx, train_records, loader, term, cache_dir=cache_dir, teacher=teacher)
