@@ -69,6 +69,9 @@ BUILTIN_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "(cluster.same_camera_offset)", "student", {"cluster": {"same_camera_offset": 0.3}}),
     Variant("paper_crop", "full method with the paper's 10-px crop border kept at the configured input size "
             "(train.crop_pad 10; config.yaml scales it to 2 px at 64x32)", "student", {"train": {"crop_pad": 10}}),
+    Variant("shared_schedule", "full method, the student on the teacher's learning-rate schedule "
+            "(student.step_size null, as in the paper; config.yaml decays the student's rate after 6 epochs)",
+            "student", {"student": {"step_size": None}}),
     Variant("paper_recipe", "full method without the camera-robust options: ImageNet input normalisation, "
             "no camera centring or same-camera offset, memory momentum 0.1, as in the paper", "student",
             {"model": {"input_norm": "imagenet"}, "cluster": {"camera_centre": False, "same_camera_offset": 0.0},

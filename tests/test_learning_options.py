@@ -18,6 +18,7 @@ from purireid.config import ConfigError, load_config, resolve_config, source_con
 from purireid.diagnostics import camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics
 from purireid.labels import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
+from purireid.stages.trainer import lr_step_size
 
 # ---------------------------------------------------------------- diagnostics (pure)
 
@@ -163,6 +164,9 @@ def test_paper_presets_keep_the_faithful_options():
             assert config["supervised_reference"] is False
             assert config["train"]["camera_proxy"] == 0.0
             assert config["train"]["crop_pad"] == 10  # the paper's border at 256x128
+            # the student on the teacher's schedule (config.yaml gives the student its own decay)
+            assert config["student"]["step_size"] is None
+            assert lr_step_size(config, student=True) == config["train"]["step_size"] == 20
             # the source row's ImageNet-initialised source fine-tunes at the paper's rate, not at
             # config.yaml's from-scratch source rate
             assert source_config(config)["train"]["lr"] == config["train"]["lr"] == 0.00035

@@ -109,11 +109,18 @@ def test_extraction_matches_model_output(dataset, teacher):
 def test_student_and_evaluation(dataset, teacher):
     out = dataset["root"] / "results" / "student"
     paths = teacher_paths(out)
-    train_student.run(job(dataset["config"], "train_student"), manifest=dataset["manifest"],
+    # student.step_size 2: the warm-up and epoch 0 at train.lr, epoch 1 decayed by train.gamma;
+    # the teacher (train.step_size 20) kept its rate throughout.
+    config = deep_merge(dataset["config"], {"student": {"step_size": 2}})
+    train_student.run(job(config, "train_student"), manifest=dataset["manifest"],
                       teacher_checkpoint=teacher["model_out"], teacher_features=teacher["features"], **paths)
     lines = [json.loads(line) for line in paths["log_jsonl"].read_text().splitlines()]
     assert [(r["epoch"], r["phase"]) for r in lines] == [(None, "untrained"), (-1, "warmup"), (0, "train"), (1, "train")]
     assert lines[1]["distill_global"] >= 0 and "distill_global" in lines[2]
+    lr, gamma = config["train"]["lr"], config["train"]["gamma"]
+    assert [r["lr"] for r in lines[1:]] == pytest.approx([lr, lr, lr * gamma])
+    teacher_lines = [json.loads(line) for line in teacher["log_jsonl"].read_text().splitlines()]
+    assert [r["lr"] for r in teacher_lines[1:]] == pytest.approx([lr, lr])
     eval_json = out / "eval.json"
     evaluate.run(job(dataset["config"], "evaluate"), manifest=dataset["manifest"], checkpoint=paths["model_out"],
                  eval_json=eval_json, cmc_png=out / "cmc.png", ranked_png=out / "ranked.png")

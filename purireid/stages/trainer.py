@@ -111,6 +111,13 @@ def epoch_plans(config: Mapping[str, Any], label_source: LabelSource,
     return plans
 
 
+def lr_step_size(config: Mapping[str, Any], *, student: bool) -> int:
+    """Epochs between learning-rate decays: student.step_size for the student when set, else
+    train.step_size (the student's warm-up epoch is its first scheduler step)."""
+    own = config["student"]["step_size"] if student else None
+    return int(own if own is not None else config["train"]["step_size"])
+
+
 @dataclass
 class EpochTargets:
     """What an epoch trains against: a label per train record (-1 = left out) and a memory per view."""
@@ -371,7 +378,8 @@ def train(
                         input_norm=model_cfg["input_norm"]).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train_cfg["step_size"], gamma=train_cfg["gamma"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_size(config, student=teacher is not None),
+                                                gamma=train_cfg["gamma"])
 
     state = load_state(state_dir, fingerprint)
     if state is not None:
