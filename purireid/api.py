@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from purireid import VIEWS, __version__
+from purireid.distributed import DeviceUnavailable
+from purireid.distributed import resolve_device as resolve_configured_device
 
 __all__ = [
     "Checkpoint", "Extraction", "FeatureExtractor", "FeatureFile", "InputError", "IMAGE_SUFFIXES",
@@ -54,15 +56,12 @@ class InputError(ValueError):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" = the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu "
-                         "or run `purireid doctor` on the GPU node")
-    return dev
+    """"auto" = the first CUDA device when there is one, else the CPU (InputError for a CUDA device
+    torch cannot see)."""
+    try:
+        return resolve_configured_device(device, setting="--device")
+    except DeviceUnavailable as err:
+        raise InputError(str(err)) from None
 
 
 def resolve_views(views: str | Sequence[str]) -> tuple[str, ...]:

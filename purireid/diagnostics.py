@@ -135,3 +135,19 @@ def crop_pad_advice(crop_pad: int, width: int) -> str | None:
     return (f"train.crop_pad={crop_pad} px shifts the {width}-px-wide input by up to {crop_pad / width:.0%} of its "
             f"width, the paper's 10 px at 128 px by 8 %: such strong crops slow learning; set config key "
             f"'train.crop_pad' near {scaled} (scaled to data.width)")
+
+
+def schedule_advice(step_size: int, epochs: int, gamma: float, key: str) -> str | None:
+    """A warning when a step schedule decays the learning rate three or more times within a run
+    of `epochs` scheduler steps (the paper's 50 epochs with step 20 decay twice); None otherwise.
+
+    `key` names the config key that set `step_size` (train.step_size or student.step_size):
+    config.yaml's student.step_size 6 suits its 8 epochs but freezes a lengthened run.
+    """
+    decays = (epochs - 1) // step_size  # the last epoch runs at lr * gamma ** decays
+    if decays < 3 or gamma >= 1:
+        return None
+    return (f"{key}={step_size} decays the learning rate {decays} times over {epochs} epochs (to "
+            f"{gamma ** decays:.0e} x train.lr in the last): the last epochs barely train; set config key "
+            f"'{key}' near two thirds of the epochs ({max(1, round(2 * epochs / 3))})")
+

@@ -95,16 +95,23 @@ class DistContext:
         return range(start, min(n, start + per_rank))
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when visible; asking for CUDA without one is a clear error."""
-    if name == "auto":
+class DeviceUnavailable(RuntimeError):
+    """A CUDA device was asked for where torch sees none."""
+
+
+def resolve_device(name: str | torch.device, *, setting: str = "config key 'device'") -> torch.device:
+    """`auto` picks CUDA when visible; asking for CUDA (`cuda`, `cuda:1`) without one raises
+    DeviceUnavailable naming `setting`, where the user asked for it (a config key, a CLI option)."""
+    if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "config key 'device' is 'cuda' but no CUDA device is visible to this job; "
-            "set device: auto (or cpu), or run the job on a GPU node"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"{setting} is {str(name)!r} but no CUDA device is visible to this job (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}); use auto or cpu, or run the job on a GPU node "
+            "(`purireid doctor` there says what torch sees)"
         )
-    return torch.device(name)
+    return device
 
 
 def usable_cpus() -> int:

@@ -186,6 +186,15 @@ def test_not_a_checkpoint_is_refused_by_name(run, tmp_path, capsys):
     assert code == 1 and str(text) in err
 
 
+def test_cuda_device_without_a_gpu_is_refused_by_option(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        code, _, err = run_cli(["extract", run["checkpoint"], run["images"] / "query", "--out", tmp_path / "x.h5",
+                                "--device", device], capsys)
+        assert code == 1 and f"--device is '{device}'" in err and "no CUDA device" in err
+        assert not (tmp_path / "x.h5").exists()
+
+
 def test_folder_without_images_and_bad_manifest(run, tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)

@@ -15,7 +15,8 @@ from conftest import REPO, prepare_tiny_dataset, tiny_config
 
 from purireid import VIEWS
 from purireid.config import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
-from purireid.diagnostics import camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics
+from purireid.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
+                                  schedule_advice)
 from purireid.labels import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
 from purireid.stages.trainer import lr_step_size
@@ -65,6 +66,14 @@ def test_fine_tuning_advice_flags_a_from_scratch_rate_on_pretrained_weights():
     assert fine_tuning_advice("imagenet", 3.5e-4) is None  # the paper's fine-tuning
     advice = fine_tuning_advice("source", 1e-3)
     assert "train.lr" in advice and "0.00035" in advice
+
+
+def test_schedule_advice_flags_a_rate_decayed_to_nothing():
+    assert schedule_advice(20, 50, 0.1, "train.step_size") is None  # the paper: decays at 20 and 40
+    assert schedule_advice(6, 9, 0.1, "student.step_size") is None  # config.yaml's student (warm-up + 8)
+    advice = schedule_advice(6, 31, 0.1, "student.step_size")  # ... with train.epochs raised to 30
+    assert "'student.step_size'" in advice and "5 times" in advice and "(21)" in advice
+    assert schedule_advice(6, 31, 1.0, "train.step_size") is None  # gamma 1: no decay
 
 
 def test_crop_pad_advice_flags_the_papers_border_on_small_inputs():

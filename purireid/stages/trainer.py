@@ -9,8 +9,8 @@ Every epoch is two steps:
 
 A run is a list of `EpochPlan`s. The teacher trains on pseudo labels of its own features in
 every epoch. The student starts with an epoch -1 on pseudo labels of the teacher's features
-(frozen memories, student.warmup_iters_factor × the iterations), then trains like the teacher,
-and distils from the teacher in every epoch. `train(label_source=TrueLabels(...))` trains from
+(frozen memories, student.warmup_iters_factor × the iterations), then trains like the teacher
+(on its own learning-rate step when student.step_size is set), and distils from the teacher in every epoch. `train(label_source=TrueLabels(...))` trains from
 given labels instead (a supervised reference).
 
 Resume: after every epoch the whole state is saved atomically in `state_dir`; a restarted
@@ -35,7 +35,8 @@ import torch
 from purireid import VIEWS
 from purireid.cluster import cluster_centres
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.diagnostics import camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics
+from purireid.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
+                                  schedule_advice)
 from purireid.distributed import DistContext
 from purireid.evaluation import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.features import autocast_context
@@ -353,8 +354,12 @@ def train(
 
     label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
     pretrained = model_cfg["pretrained"]
+    step_size = lr_step_size(config, student=teacher is not None)
+    step_key = "student.step_size" if teacher is not None and config["student"]["step_size"] is not None \
+        else "train.step_size"
     for advice in (fine_tuning_advice(pretrained, train_cfg["lr"]),
-                   crop_pad_advice(train_cfg["crop_pad"], config["data"]["width"])):
+                   crop_pad_advice(train_cfg["crop_pad"], config["data"]["width"]),
+                   schedule_advice(step_size, len(plans), train_cfg["gamma"], step_key)):
         if advice and ctx.is_main:
             log.warning("%s", advice)
     if pretrained == "source":
@@ -378,8 +383,7 @@ def train(
                         input_norm=model_cfg["input_norm"]).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_size(config, student=teacher is not None),
-                                                gamma=train_cfg["gamma"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=train_cfg["gamma"])
 
     state = load_state(state_dir, fingerprint)
     if state is not None:
