@@ -150,4 +150,3 @@ def schedule_advice(step_size: int, epochs: int, gamma: float, key: str) -> str 
     return (f"{key}={step_size} decays the learning rate {decays} times over {epochs} epochs (to "
             f"{gamma ** decays:.0e} x train.lr in the last): the last epochs barely train; set config key "
             f"'{key}' near two thirds of the epochs ({max(1, round(2 * epochs / 3))})")
-

@@ -175,7 +175,8 @@ def test_paper_presets_keep_the_faithful_options():
             assert config["train"]["crop_pad"] == 10  # the paper's border at 256x128
             # the student on the teacher's schedule (config.yaml gives the student its own decay)
             assert config["student"]["step_size"] is None
-            assert lr_step_size(config, student=True) == config["train"]["step_size"] == 20
+            assert config["train"]["step_size"] == 20
+            assert lr_step_size(config, student=True) == (20, "train.step_size")
             # the source row's ImageNet-initialised source fine-tunes at the paper's rate, not at
             # config.yaml's from-scratch source rate
             assert source_config(config)["train"]["lr"] == config["train"]["lr"] == 0.00035

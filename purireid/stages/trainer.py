@@ -10,8 +10,9 @@ Every epoch is two steps:
 A run is a list of `EpochPlan`s. The teacher trains on pseudo labels of its own features in
 every epoch. The student starts with an epoch -1 on pseudo labels of the teacher's features
 (frozen memories, student.warmup_iters_factor × the iterations), then trains like the teacher
-(on its own learning-rate step when student.step_size is set), and distils from the teacher in every epoch. `train(label_source=TrueLabels(...))` trains from
-given labels instead (a supervised reference).
+(on its own learning-rate step when student.step_size is set), and distils from the teacher in
+every epoch. `train(label_source=TrueLabels(...))` trains from given labels instead (a
+supervised reference).
 
 Resume: after every epoch the whole state is saved atomically in `state_dir`; a restarted
 run continues after the last completed epoch. Every epoch reseeds from (seed, epoch), so a
@@ -112,11 +113,14 @@ def epoch_plans(config: Mapping[str, Any], label_source: LabelSource,
     return plans
 
 
-def lr_step_size(config: Mapping[str, Any], *, student: bool) -> int:
-    """Epochs between learning-rate decays: student.step_size for the student when set, else
-    train.step_size (the student's warm-up epoch is its first scheduler step)."""
+def lr_step_size(config: Mapping[str, Any], *, student: bool) -> tuple[int, str]:
+    """Epochs between learning-rate decays and the config key that set them: student.step_size
+    for the student when set, else train.step_size (the student's warm-up epoch is its first
+    scheduler step)."""
     own = config["student"]["step_size"] if student else None
-    return int(own if own is not None else config["train"]["step_size"])
+    if own is not None:
+        return int(own), "student.step_size"
+    return int(config["train"]["step_size"]), "train.step_size"
 
 
 @dataclass
@@ -354,9 +358,7 @@ def train(
 
     label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
     pretrained = model_cfg["pretrained"]
-    step_size = lr_step_size(config, student=teacher is not None)
-    step_key = "student.step_size" if teacher is not None and config["student"]["step_size"] is not None \
-        else "train.step_size"
+    step_size, step_key = lr_step_size(config, student=teacher is not None)
     for advice in (fine_tuning_advice(pretrained, train_cfg["lr"]),
                    crop_pad_advice(train_cfg["crop_pad"], config["data"]["width"]),
                    schedule_advice(step_size, len(plans), train_cfg["gamma"], step_key)):
