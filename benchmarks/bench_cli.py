@@ -1,12 +1,12 @@
 """Benchmark of the `purireid` command's work (issue 13): extraction and gallery search on the CPU.
 
 extraction  images/s of purireid.FeatureExtractor (what `purireid extract` runs) against the
-            evaluate stage's own extraction (purireid.stages.inference.extract_records: the
+            evaluate stage's own extraction (purireid.evaluation.inference.extract_records: the
             decoded-image cache built on first use, then batches from it) on the same synthetic
             Market-sized (128x64) JPEGs, with the same random-init checkpoint. Two settings: the
             embedded default (ResNet-18, 64x32) and the paper's (ResNet-50, 256x128). The stage
             is timed with a cold cache (its first pass over new images) and a warm one.
-search      latency of purireid.search.exact_search for 1 query and for 1,000 queries over
+search      latency of purireid.serving.search.exact_search for 1 query and for 1,000 queries over
             100,000 2048-d L2-normalised gallery features (the gallery index built once, timed
             apart), per backend; queries drawn like trained features (near an identity's
             centre) and as i.i.d. random directions (the hardest case for the certificate).
@@ -64,14 +64,14 @@ def wall_and_cpu(fn) -> tuple[float, float]:
 
 
 def bench_extraction(num_images: int, repeats: int) -> None:
-    from purireid.api import FeatureExtractor, collect_images
-    from purireid.config import load_config
+    from purireid.serving.api import FeatureExtractor, collect_images
+    from purireid.config.resolve import load_config
     from purireid.data import Record, generate_synthetic
-    from purireid.distributed import DistContext
-    from purireid.models import build_model
+    from purireid.runtime.distributed import DistContext
+    from purireid.model.network import build_model
 
-    from purireid.stages.checkpoints import save_model_checkpoint
-    from purireid.stages.inference import extract_records
+    from purireid.io.checkpoints import save_model_checkpoint
+    from purireid.evaluation.inference import extract_records
 
     repo = Path(__file__).resolve().parents[1]
     work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
@@ -148,7 +148,7 @@ def make_features(kind: str, num_gallery: int, num_query: int, dim: int, seed: i
 
 
 def bench_search(num_gallery: int, dim: int, backends: list[str], repeats: int) -> None:
-    from purireid.search import GalleryIndex
+    from purireid.serving.search import GalleryIndex
 
     for kind in ("trained", "random"):
         gallery, queries = make_features(kind, num_gallery, 1000, dim)

@@ -1,8 +1,8 @@
-"""Benchmark of purireid.evaluation at Market-1501 and MSMT17 sizes (issue 2, item 6).
+"""Benchmark of purireid.evaluation.metrics at Market-1501 and MSMT17 sizes (issue 2, item 6).
 
 Random L2-normalised 2048-d features, in two flavours:
   random     i.i.d. Gaussian directions: mAP ~0, true matches anywhere in the ranking
-             (the worst case for purireid.evaluation, which only looks closely at the
+             (the worst case for purireid.evaluation.metrics, which only looks closely at the
              items ranked before a query's last true match)
   clustered  image = its identity's centre + noise: mAP ~0.9, like a trained model
 Every measurement runs in a fresh subprocess so that its memory figures are its own; RSS is sampled every
@@ -98,7 +98,7 @@ class RssSampler:
 
 
 def run_case(size: str, case: str, mode: str) -> dict:
-    from purireid.evaluation import evaluate_features, evaluate_rank
+    from purireid.evaluation.metrics import evaluate_features, evaluate_rank
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from evaluation_reference import sklearn_reference

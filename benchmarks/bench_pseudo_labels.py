@@ -19,7 +19,7 @@ fusion, scikit-learn DBSCAN on the dense matrix), in the same invocation, and pr
 speed-up and whether its labels equal ours (its float32 2 - 2·x·y distances differ from our
 exact keys in the last bits, so equality is expected, not guaranteed). --check-dense densifies
 our own per-view Jaccard matrices, fuses them densely and checks that DBSCAN gives our labels
-(this checks the exact pruning of purireid.cluster.fuse_views; needs ~4·N²·4 bytes). The
+(this checks the exact pruning of purireid.labels.cluster.fuse_views; needs ~4·N²·4 bytes). The
 Jaccard values themselves are checked against the dense loop reference by tests/test_jaccard.py.
 
 The CPU may be shared: each line gives wall and process CPU seconds and the 1-minute load
@@ -143,7 +143,7 @@ def dense_check_labels(views: list[np.ndarray], eps: float) -> np.ndarray:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from jaccard_reference import densify
 
-    from purireid.jaccard import jaccard_distance
+    from purireid.labels.jaccard import jaccard_distance
 
     fused = None
     for x, w in zip(views, (1 - 2 * LAMBDA1, LAMBDA1, LAMBDA1)):
@@ -164,7 +164,7 @@ def run_child(mode: str, n: int, eps: float, backend: str, labels_out: str, repe
     t, c = time.perf_counter(), time.process_time()
     again = []
     if mode == "ours":
-        from purireid.cluster import pseudo_labels
+        from purireid.labels.cluster import pseudo_labels
 
         for r in range(repeat):  # later calls: what every epoch after the first pays
             stats: dict = {}
@@ -188,7 +188,7 @@ def run_child(mode: str, n: int, eps: float, backend: str, labels_out: str, repe
            "clusters": int(labels.max() + 1), "outliers": int((labels < 0).sum()),
            "torch_threads": torch.get_num_threads()}
     if mode == "ours":
-        from purireid.neighbours import resolve_backend
+        from purireid.labels.neighbours import resolve_backend
 
         res["backend"] = backend if backend != "auto" else "auto=" + resolve_backend("auto", torch.zeros(1, 2048))
         res.update({k: round(v, 2) if isinstance(v, float) else int(v) for k, v in first_stats.items()})

@@ -1,6 +1,6 @@
 """Teacher training speed on this machine.
 
-1. Images/s of the trainer's step (purireid.stages.trainer.train_one_epoch: forward three views,
+1. Images/s of the trainer's step (purireid.training.loop.train_one_epoch: forward three views,
    memory CE on all views, backward, Adam step, memory update) for ResNet-18 and ResNet-50 at 256×128.
 2. Where an epoch's time goes (feature extraction, clustering, training), from a real teacher
    epoch on the synthetic dataset.
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from purireid import VIEWS
-from purireid.distributed import DistContext
-from purireid.losses import ClusterMemory
-from purireid.models import build_model
-from purireid.stages.trainer import train_one_epoch
+from purireid.runtime.distributed import DistContext
+from purireid.training.losses import ClusterMemory
+from purireid.model.network import build_model
+from purireid.training.loop import train_one_epoch
 
 
 def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int) -> float:
-    """The trainer's own step (purireid.stages.trainer.train_one_epoch) on random images."""
+    """The trainer's own step (purireid.training.loop.train_one_epoch) on random images."""
     torch.manual_seed(0)
     model = build_model(arch, "none").train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
@@ -47,7 +47,7 @@ def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int
 
 
 def epoch_breakdown(config_path: Path, epochs: int) -> list[dict]:
-    from purireid.config import load_config, stage_config
+    from purireid.config.resolve import load_config, stage_config
     from purireid.stages import prepare_dataset, train_teacher
 
     root = Path(tempfile.mkdtemp(prefix="bench_training_"))

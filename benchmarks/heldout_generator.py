@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from purireid.io import current_umask
+from purireid.io.files import current_umask
 
 GENERATOR = "purireid-heldout"
 VERSION = 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from purireid.config import deep_merge, load_config
+from purireid.config.resolve import deep_merge, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def tiny_config(data_root: Path | str, **sections: Any) -> dict:
 
 def prepare_tiny_dataset(root: Path) -> dict:
     """Generate the tiny synthetic dataset under `root` and write its manifest."""
-    from purireid.config import stage_config
+    from purireid.config.resolve import stage_config
     from purireid.stages import prepare_dataset
 
     config = tiny_config(root / "data")
@@ -51,8 +51,8 @@ def fake_snakemake(rule: str, config: dict, *, log: Path | str, input: dict | No
                    output: dict | None = None, params: dict | None = None, threads: int = 1,
                    wildcards: dict | None = None) -> Any:
     """The parts of Snakemake's `snakemake` object a workflow script reads; `params.config` is the
-    rule's (purireid.config.stage_params), `config` the whole workflow config."""
-    from purireid.config import stage_params
+    rule's (purireid.config.resolve.stage_params), `config` the whole workflow config."""
+    from purireid.config.resolve import stage_params
 
     return type("Snakemake", (), {
         "rule": rule, "config": config, "threads": threads, "log": [str(log)],

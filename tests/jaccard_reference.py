@@ -1,7 +1,7 @@
 """Dense, loop-based references of SPEC §3.2-3.3 and the test data of the clustering tests.
 
 Tests and benchmarks only (small N). Written straight from the spec, row by row like the
-released code, with the same exactness conventions as purireid.neighbours: distance key =
+released code, with the same exactness conventions as purireid.labels.neighbours: distance key =
 float64 squared Euclidean of the float32 inputs, clipped at 0, rounded to the 2**-22 grid;
 lists = self first, then by (key, index); V, query expansion and Jaccard in float64, final
 distances float32. `densify` turns the sparse results into the dense form compared here;

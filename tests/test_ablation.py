@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from purireid.ablation import to_csv, to_markdown, variant_row
-from purireid.config import ConfigError, deep_merge, load_config
-from purireid.variants import BASE_RUN, BUILTIN_VARIANTS, Runs, all_variants, describe_changes, run_configs
+from purireid.evaluation.ablation import to_csv, to_markdown, variant_row
+from purireid.config.resolve import ConfigError, deep_merge, load_config
+from purireid.config.variants import BASE_RUN, BUILTIN_VARIANTS, Runs, all_variants, describe_changes, run_configs
 from conftest import copy_of_tiny_dag
 from test_workflow import PRESETS, REPO, TINY, planned_jobs, snakemake, write_yaml
 

@@ -19,12 +19,12 @@ from PIL import Image
 
 import purireid
 from conftest import REPO, prepare_tiny_dataset, tiny_config
-from purireid.cli import main
-from purireid.config import deep_merge, stage_config
-from purireid.io import sha256_file
-from purireid.models import build_model
+from purireid.serving.cli import main
+from purireid.config.resolve import deep_merge, stage_config
+from purireid.io.files import sha256_file
+from purireid.model.network import build_model
 from purireid.stages import evaluate
-from purireid.stages.checkpoints import save_model_checkpoint
+from purireid.io.checkpoints import save_model_checkpoint
 
 SUBCOMMANDS = ("extract", "search", "export", "doctor")
 
@@ -290,7 +290,7 @@ def test_export_parity_and_dynamic_batch(run, fmt, tmp_path, capsys):
 
 
 def test_export_fails_above_tolerance_and_writes_nothing(run, tmp_path, capsys, monkeypatch):
-    import purireid.export as export
+    import purireid.serving.export as export
 
     real = export._run_exported
     monkeypatch.setattr(export, "_run_exported", lambda *a: [o + 1e-3 for o in real(*a)])
@@ -328,7 +328,7 @@ def test_doctor_fails_naming_the_missing_imagenet_weights(tmp_path, monkeypatch,
 
 
 def test_doctor_flags_faiss_wheels_installed_over_each_other(monkeypatch):
-    from purireid import doctor
+    from purireid.serving import doctor
 
     monkeypatch.setattr(doctor, "_installed", lambda names: ["faiss-cpu 1.8.0", "faiss-gpu 1.7.2"])
     checks = list(doctor._faiss_checks())
@@ -372,7 +372,7 @@ def test_export_rule_runs_after_the_student_evaluation(run, tmp_path):
 def test_fold_batchnorm_keeps_the_function():
     import copy
 
-    from purireid.api import fold_batchnorm
+    from purireid.serving.api import fold_batchnorm
 
     torch.manual_seed(0)
     model = build_model("resnet50", pretrained="none").eval()

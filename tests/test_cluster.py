@@ -1,4 +1,4 @@
-"""purireid.cluster: exact pruned view fusion, DBSCAN labels and cluster centres against dense
+"""purireid.labels.cluster: exact pruned view fusion, DBSCAN labels and cluster centres against dense
 references (tests/jaccard_reference.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import scipy.sparse as sp
 import torch
 from sklearn.cluster import DBSCAN
 
-from purireid import cluster
-from purireid.jaccard import jaccard_distance
+from purireid.labels import cluster
+from purireid.labels.jaccard import jaccard_distance
 
 
 def _views(n: int, seed: int, ids: int = 15) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from conftest import REPO, fake_snakemake
-from purireid.config import (
+from purireid.config.resolve import (
     ALL_EXECUTION_KEYS, EXECUTION_KEYS, STAGE_KEYS, ConfigError, load_config, load_schema, resolve_config,
     stage_config, stage_params,
 )

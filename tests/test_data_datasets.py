@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from purireid.config import resolve_config, stage_config
+from purireid.config.resolve import resolve_config, stage_config
 from purireid.data import DatasetError, Record, extract_archive, load_dataset, read_manifest
 from purireid.stages import prepare_dataset
 

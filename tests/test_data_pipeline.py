@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from purireid.config import resolve_config, stage_config
+from purireid.config.resolve import resolve_config, stage_config
 from purireid.data import (
     CameraAwareSampler, RandomMultiInstanceSampler, Record, TrainLoader, build_image_cache,
     build_test_loader, generate_synthetic, load_dataset,

@@ -24,8 +24,8 @@ import yaml
 
 from purireid import VIEWS
 from conftest import prepare_tiny_dataset, tiny_config as shared_tiny_config
-from purireid.config import deep_merge
-from purireid.distributed import DistContext, launch
+from purireid.config.resolve import deep_merge
+from purireid.runtime.distributed import DistContext, launch
 
 TIMEOUT = 600
 

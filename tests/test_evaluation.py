@@ -8,8 +8,8 @@ import pytest
 import torch
 from evaluation_reference import brute_force, sklearn_reference
 
-import purireid.evaluation as ev
-from purireid.evaluation import evaluate_features, evaluate_rank, headline_metrics
+import purireid.evaluation.metrics as ev
+from purireid.evaluation.metrics import evaluate_features, evaluate_rank, headline_metrics
 
 
 @pytest.fixture(params=["sparse", "dense"])
@@ -216,7 +216,7 @@ def test_errors():
 
 
 def test_rerank_path():
-    from purireid.jaccard import rerank_distance
+    from purireid.labels.jaccard import rerank_distance
 
     rng = np.random.default_rng(5)
     qf, gf, qp, gp, qc, gc = random_case(rng, 20, 80, 6, 3, dim=16, junk=False)

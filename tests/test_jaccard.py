@@ -1,4 +1,4 @@
-"""purireid.jaccard against the dense loop reference of SPEC §3.2 (tests/jaccard_reference.py)."""
+"""purireid.labels.jaccard against the dense loop reference of SPEC §3.2 (tests/jaccard_reference.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from purireid import jaccard, neighbours
+from purireid.labels import jaccard
+from purireid.labels import neighbours
 
 
 def assert_same_jaccard(fast, dense: np.ndarray) -> None:

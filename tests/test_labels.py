@@ -1,4 +1,4 @@
-"""Label sources (purireid.labels) and the trainer's labelling step built on them."""
+"""Label sources (purireid.labels.sources) and the trainer's labelling step built on them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from purireid import VIEWS
-from purireid.distributed import DistContext
-from purireid.labels import DegenerateClustering, DegenerateLabels, TrueLabels, check_clusters, count_classes
-from purireid.stages.trainer import label_epoch
+from purireid.runtime.distributed import DistContext
+from purireid.labels.sources import DegenerateClustering, DegenerateLabels, TrueLabels, check_clusters, count_classes
+from purireid.training.loop import label_epoch
 
 
 def test_true_labels_are_relabelled_and_fixed():

@@ -14,12 +14,12 @@ import yaml
 from conftest import REPO, prepare_tiny_dataset, tiny_config
 
 from purireid import VIEWS
-from purireid.config import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
-from purireid.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
+from purireid.config.resolve import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
+from purireid.training.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
                                   schedule_advice)
-from purireid.labels import PseudoLabels, camera_centred
+from purireid.labels.sources import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
-from purireid.stages.trainer import lr_step_size
+from purireid.training.loop import lr_step_size
 
 # ---------------------------------------------------------------- diagnostics (pure)
 
@@ -87,7 +87,7 @@ def test_crop_pad_advice_flags_the_papers_border_on_small_inputs():
 def test_the_source_row_fine_tunes_while_its_source_trains_from_scratch():
     """The `source` ablation row starts the target from source weights at the fine-tuning rate;
     the source itself keeps config.yaml's from-scratch rate (source.train.lr)."""
-    from purireid.variants import run_configs
+    from purireid.config.variants import run_configs
 
     runs = run_configs(load_config(REPO / "config.yaml"))
     row = runs["source"]
@@ -272,9 +272,9 @@ def test_teacher_starts_from_the_source_weights(dataset, tmp_path):
 
 def _evaluate_untrained(config, dataset, checkpoint) -> float:
     from purireid.data import read_manifest
-    from purireid.distributed import DistContext
-    from purireid.stages.checkpoints import load_model_checkpoint
-    from purireid.stages.inference import cache_dir_for, evaluate_model
+    from purireid.runtime.distributed import DistContext
+    from purireid.io.checkpoints import load_model_checkpoint
+    from purireid.evaluation.inference import cache_dir_for, evaluate_model
 
     model = load_model_checkpoint(checkpoint, torch.device("cpu"))
     splits = read_manifest(dataset["manifest"])

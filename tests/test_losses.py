@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from purireid import VIEWS
-from purireid.losses import (
+from purireid.training.losses import (
     CameraProxyMemory,
     ClusterMemory,
     camera_proxy_labels,

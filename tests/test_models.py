@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from purireid import VIEWS
-from purireid.models import (
+from purireid.model.network import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     build_model,
@@ -284,9 +284,9 @@ def test_per_image_input_norm_undoes_a_colour_cast():
 def test_input_norm_travels_with_the_checkpoint(tmp_path):
     """A per_image model rebuilt from its checkpoint (by the stages and by the API) gives the
     features it gave in training; an unknown value is refused with the choices."""
-    from purireid.api import read_checkpoint
-    from purireid.config import resolve_config
-    from purireid.stages.checkpoints import load_model_checkpoint, save_model_checkpoint
+    from purireid.serving.api import read_checkpoint
+    from purireid.config.resolve import resolve_config
+    from purireid.io.checkpoints import load_model_checkpoint, save_model_checkpoint
 
     torch.manual_seed(0)
     model = build_model("resnet18", "none", input_norm="per_image").eval()

@@ -1,4 +1,4 @@
-"""purireid.neighbours: certified exact kNN against a dense sort (tests/jaccard_reference.py)."""
+"""purireid.labels.neighbours: certified exact kNN against a dense sort (tests/jaccard_reference.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from purireid import neighbours
+from purireid.labels import neighbours
 
 
 @pytest.mark.parametrize("backend", ["bf16", "torch", "faiss", "auto"])

@@ -17,9 +17,9 @@ import torch
 from conftest import fake_snakemake, run_workflow_script, tiny_config
 from purireid import VIEWS
 from purireid.data import build_image_cache, generate_synthetic, load_dataset
-from purireid.io import DiskFullError, atomic_path, torch_save_atomic, write_text_atomic
-from purireid.models import build_model
-from purireid.stages.checkpoints import (
+from purireid.io.files import DiskFullError, atomic_path, torch_save_atomic, write_text_atomic
+from purireid.model.network import build_model
+from purireid.io.checkpoints import (
     FeatureFileMismatch, read_teacher_features, save_model_checkpoint, save_state, write_teacher_features,
 )
 
@@ -161,7 +161,7 @@ def test_atomic_outputs_respect_the_umask(tmp_path, umask, mode):
 
 
 def test_synthetic_defaults_come_from_the_schema(tmp_path):
-    from purireid.config import schema_defaults
+    from purireid.config.resolve import schema_defaults
     from purireid.data.synthetic import synthetic_params, synthetic_params_match
 
     params = synthetic_params()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from purireid.data import Record
 from purireid.log import Progress, progress_iter
-from purireid.stages.reporting import (
+from purireid.evaluation.reporting import (
     REPORT_MAX_SIZE,
     plot_training_curve,
     ranked_list_layout,

@@ -1,4 +1,4 @@
-"""purireid.search.exact_search: every backend gives the exact float64 ranking (ties by index),
+"""purireid.serving.search.exact_search: every backend gives the exact float64 ranking (ties by index),
 including where the cheap scan cannot certify a list and the wider / full passes take over."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from purireid.search import exact_search, market_identities
+from purireid.serving.search import exact_search, market_identities
 
 BACKENDS = ["bf16", "faiss", "torch"]
 

@@ -18,17 +18,17 @@ import torch
 
 from purireid import VIEWS
 from conftest import REPO, prepare_tiny_dataset, tiny_config as shared_tiny_config
-from purireid.config import deep_merge, stage_config
+from purireid.config.resolve import deep_merge, stage_config
 from purireid.data import TrainLoader, read_manifest
-from purireid.distributed import DistContext
-from purireid.io import sha256_file
-from purireid.labels import DegenerateClustering, PseudoLabels, TrueLabels, check_clusters
-from purireid.losses import view_weights
+from purireid.runtime.distributed import DistContext
+from purireid.io.files import sha256_file
+from purireid.labels.sources import DegenerateClustering, PseudoLabels, TrueLabels, check_clusters
+from purireid.training.losses import view_weights
 from purireid.stages import evaluate, extract_teacher_features, train_student, train_teacher
-from purireid.stages.checkpoints import FeatureFileMismatch, load_model_checkpoint, read_teacher_features
-from purireid.stages.inference import evaluate_model, extract_records
-from purireid.stages.signals import GracefulTermination
-from purireid.stages.trainer import EpochPlan, TeacherGuidance, TrainingRun, run_epoch, train
+from purireid.io.checkpoints import FeatureFileMismatch, load_model_checkpoint, read_teacher_features
+from purireid.evaluation.inference import evaluate_model, extract_records
+from purireid.runtime.signals import GracefulTermination
+from purireid.training.loop import EpochPlan, TeacherGuidance, TrainingRun, run_epoch, train
 
 
 def tiny_config(data_root: Path, **sections) -> dict:
@@ -160,7 +160,7 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
     results = []
     for guide in (None, guidance):
         torch.manual_seed(0)
-        from purireid.models import build_model
+        from purireid.model.network import build_model
         model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
         with GracefulTermination() as term:
@@ -189,7 +189,7 @@ def test_camera_proxy_term_joins_the_loss(dataset):
         plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
                          memory_momentum=config["train"]["momentum"])
         torch.manual_seed(0)
-        from purireid.models import build_model
+        from purireid.model.network import build_model
         model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
         with GracefulTermination() as term:

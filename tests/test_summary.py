@@ -1,11 +1,11 @@
-"""The results table (purireid.summary): one row per model from eval.json and log.jsonl, the
+"""The results table (purireid.evaluation.summary): one row per model from eval.json and log.jsonl, the
 untrained starting point first, percentages, and the meaning of a log record's phase."""
 
 from __future__ import annotations
 
 import pytest
 
-from purireid.summary import (
+from purireid.evaluation.summary import (
     TSV_COLUMNS,
     format_duration,
     record_phase,

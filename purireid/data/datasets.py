@@ -220,7 +220,7 @@ MANIFEST_HEADER = ["split", "path", "pid", "camid"]
 
 def write_manifest(path: str | Path, splits: Mapping[str, Sequence[Record]]) -> None:
     """manifest.csv with header split,path,pid,camid; splits in train/query/gallery order, sorted."""
-    from purireid.io import atomic_path
+    from purireid.io.files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)

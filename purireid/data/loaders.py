@@ -31,7 +31,7 @@ from purireid.data.transforms import (
     PAD, AugParams, augment_batch, augment_pil, load_resized, normalise_batch, sample_augmentation,
     to_normalised_tensor,
 )
-from purireid.io import atomic_path, disk_full_error
+from purireid.io.files import atomic_path, disk_full_error
 
 CACHE_VERSION = 1
 _CACHE_CHUNK = 256  # rows decoded ahead of the writer
@@ -55,7 +55,7 @@ def build_image_cache(records: Sequence[Record], data_root: str | Path, cache_di
     Written atomically (temporary file renamed into place); concurrent builders are harmless.
     The rows are written in order through a file, never through a memory map of a sparse file
     (where a full disk kills the process with SIGBUS): a full disk, found by a check of the
-    free space first or by the write itself, raises purireid.io.DiskFullError naming the file.
+    free space first or by the write itself, raises purireid.io.files.DiskFullError naming the file.
     """
     from purireid.log import Progress
 

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from purireid.config import schema_defaults
-from purireid.io import current_umask
+from purireid.config.resolve import schema_defaults
+from purireid.io.files import current_umask
 
 GENERATOR_VERSION = 1
 
@@ -237,7 +237,7 @@ def generate_synthetic(out_dir: str | Path, **params: Any) -> dict[str, Any]:
 
     `params`: any keys of the config's `synthetic` section (num_train_ids, num_test_ids,
     images_per_id, num_cameras, height, width, seed, camera_strength, near_duplicate_rate);
-    the others take the schema's defaults (purireid/schemas/config.schema.yaml), which
+    the others take the schema's defaults (purireid/config/schemas/config.schema.yaml), which
     reproduce generator version 1. `camera_strength` scales the colour cast / gain / bias /
     gamma / background differences between cameras (1 = full, 0 = none; blur, noise, JPEG
     quality and viewpoint mix always differ); `near_duplicate_rate` is the probability that

@@ -1,4 +1,3 @@
 """Stage entry points, one module per workflow rule (prepare_dataset, train_teacher,
-extract_teacher_features, train_student, evaluate), each `run(config, *, paths...)`; and what
-they share: the training loop (trainer), checkpoints and provenance, inference, reporting,
-signal handling. See docs/architecture.md."""
+extract_teacher_features, train_student, train_supervised, evaluate), each
+`run(config, *, paths...)`. See docs/architecture.md."""

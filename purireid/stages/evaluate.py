@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from purireid.data import read_manifest
-from purireid.distributed import DistContext, launch
-from purireid.evaluation import headline_metrics
-from purireid.io import sha256_file, write_json_atomic
+from purireid.runtime.distributed import DistContext, launch
+from purireid.evaluation.metrics import headline_metrics
+from purireid.io.files import sha256_file, write_json_atomic
 from purireid.log import get_logger
-from purireid.stages.checkpoints import load_model_checkpoint
-from purireid.stages.inference import cache_dir_for, evaluate_model
-from purireid.stages.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
+from purireid.io.checkpoints import load_model_checkpoint
+from purireid.evaluation.inference import cache_dir_for, evaluate_model
+from purireid.evaluation.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
 
 log = get_logger("evaluate")
 
@@ -74,7 +74,7 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_js
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, checkpoint: str | Path, eval_json: str | Path,
         cmc_png: str | Path, ranked_png: str | Path, model: str | None = None) -> None:
-    """`config`: at least the keys purireid.config.stage_config(config, "evaluate") holds.
+    """`config`: at least the keys purireid.config.resolve.stage_config(config, "evaluate") holds.
     `model`: the name eval.json and the pictures give the model (default: the checkpoint's
     folder, results/<dataset>/<model>/model.pth)."""
     checkpoint = Path(checkpoint)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from purireid.data import read_manifest
-from purireid.distributed import DistContext, launch
-from purireid.io import sha256_file
+from purireid.runtime.distributed import DistContext, launch
+from purireid.io.files import sha256_file
 from purireid.log import get_logger
-from purireid.stages.checkpoints import load_model_checkpoint, write_teacher_features
-from purireid.stages.inference import cache_dir_for, extract_records
+from purireid.io.checkpoints import load_model_checkpoint, write_teacher_features
+from purireid.evaluation.inference import cache_dir_for, extract_records
 
 log = get_logger("extract")
 
@@ -31,6 +31,6 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, feature
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, checkpoint: str | Path, features_out: str | Path) -> None:
-    """`config`: at least the keys purireid.config.stage_config(config, "extract_teacher_features") holds."""
+    """`config`: at least the keys purireid.config.resolve.stage_config(config, "extract_teacher_features") holds."""
     launch(_worker, dict(config), Path(manifest), Path(checkpoint), Path(features_out),
            world_size=config["train"]["gpus"], device=config["device"])

@@ -9,9 +9,9 @@ from typing import Any
 
 from purireid.data.datasets import DATASET_INFO, SPLITS, DatasetError, dataset_folder, load_dataset, write_manifest
 from purireid.data.prepare import check_published_counts, extract_archive, summarise, validate_images
-from purireid.io import write_json_atomic
+from purireid.io.files import write_json_atomic
 from purireid.log import get_logger
-from purireid.stages.checkpoints import write_resolved_config
+from purireid.io.checkpoints import write_resolved_config
 
 log = get_logger("prepare")
 

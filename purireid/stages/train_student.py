@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from purireid.data import read_manifest
-from purireid.distributed import DistContext, launch
-from purireid.io import sha256_file
-from purireid.stages.checkpoints import load_model_checkpoint, read_teacher_features
-from purireid.stages.trainer import TeacherGuidance, per_process_bn_groups, train
+from purireid.runtime.distributed import DistContext, launch
+from purireid.io.files import sha256_file
+from purireid.io.checkpoints import load_model_checkpoint, read_teacher_features
+from purireid.training.loop import TeacherGuidance, per_process_bn_groups, train
 
 
 def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoint: Path,
@@ -37,7 +37,7 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, teacher_checkpoint: 
         state_dir: str | Path, source_weights: str | Path | None = None) -> None:
     """Train the student from a fresh ImageNet-initialised model; resumes from `state_dir`.
 
-    `config`: at least the keys purireid.config.stage_config(config, "train_student") holds.
+    `config`: at least the keys purireid.config.resolve.stage_config(config, "train_student") holds.
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
     """
     paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),

@@ -1,7 +1,7 @@
 """Stage train_supervised: the teacher's model and recipe trained with the TRUE train labels
 instead of pseudo labels. Two uses: the supervised reference (rule train_supervised, an upper
 bound that unsupervised papers report; its outputs are marked as using labels) and source
-pretraining (rule pretrain_source, on the source dataset's config, purireid.config.source_config)."""
+pretraining (rule pretrain_source, on the source dataset's config, purireid.config.resolve.source_config)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from purireid.data import read_manifest
-from purireid.distributed import DistContext, launch
-from purireid.labels import TrueLabels
-from purireid.stages.trainer import train
+from purireid.runtime.distributed import DistContext, launch
+from purireid.labels.sources import TrueLabels
+from purireid.training.loop import train
 
 
 def _worker(config: Mapping[str, Any], paths: dict[str, Path], role: str, *, ctx: DistContext) -> None:
@@ -27,7 +27,7 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Pat
         source_weights: str | Path | None = None) -> None:
     """Train with the identities of the manifest's train split as labels; resumes from `state_dir`.
 
-    `config`: at least the keys purireid.config.stage_config(config, "train_supervised") holds.
+    `config`: at least the keys purireid.config.resolve.stage_config(config, "train_supervised") holds.
     `role`: what the checkpoint and the logs call the model ("supervised" or "source").
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source' (the
     supervised reference then starts where the teacher starts).

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from purireid.distributed import DistContext, launch
-from purireid.stages.trainer import train
+from purireid.runtime.distributed import DistContext, launch
+from purireid.training.loop import train
 
 
 def _worker(config: Mapping[str, Any], paths: dict[str, Path], *, ctx: DistContext) -> None:
@@ -19,7 +19,7 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Pat
         curve_png: str | Path, state_dir: str | Path, source_weights: str | Path | None = None) -> None:
     """Train the teacher; resumes from `state_dir` after an interruption.
 
-    `config`: at least the keys purireid.config.stage_config(config, "train_teacher") holds.
+    `config`: at least the keys purireid.config.resolve.stage_config(config, "train_teacher") holds.
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
     """
     paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),

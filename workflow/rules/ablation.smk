@@ -1,4 +1,4 @@
-# The paper's ablation and parameter sweeps as targets (purireid/variants.py, docs/ablation.md):
+# The paper's ablation and parameter sweeps as targets (purireid/config/variants.py, docs/ablation.md):
 #   snakemake ablation          every variant of ablation.variants -> results/<dataset>/ablation/
 #   snakemake sweeps            every sweep -> results/<dataset>/sweeps/<name>/
 #   snakemake sweep_<name>      one sweep (e.g. sweep_eps)

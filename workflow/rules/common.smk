@@ -6,15 +6,15 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from purireid.config import ConfigError, resolve_config, source_config, stage_params
-from purireid.variants import BASE_RUN, TRAINED_BY, Runs, ablation_variants, describe_changes, run_configs, \
+from purireid.config.resolve import ConfigError, resolve_config, source_config, stage_params
+from purireid.config.variants import BASE_RUN, TRAINED_BY, Runs, ablation_variants, describe_changes, run_configs, \
     sweep_variants, sweeps
 
 
-# The one validation of a run, before any job: against purireid/schemas/config.schema.yaml
+# The one validation of a run, before any job: against purireid/config/schemas/config.schema.yaml
 # (workflow/schemas/ links to it) plus the cross-key constraints a JSON schema cannot express,
 # naming the offending key (e.g. 'train.batch_size'). Every default is filled in in place.
-# The variants (ablation and sweeps, purireid/variants.py) are checked here too, each as a
+# The variants (ablation and sweeps, purireid/config/variants.py) are checked here too, each as a
 # whole config, naming the variant and the key.
 try:
     config.update(resolve_config(config))
@@ -33,7 +33,7 @@ MODELS = ("teacher", "student")
 #
 # Each stage writes under {run}, that is results/<dataset> for the configured run, results/<dataset>/
 # variants/<name> for a variant. A rule's inputs come from the run that *owns* the upstream
-# stage (the first run computing the same thing, purireid.variants.Runs.owner), so a variant
+# stage (the first run computing the same thing, purireid.config.variants.Runs.owner), so a variant
 # that changes only the student reads the configured teacher; a job whose outputs another run's
 # folder holds is refused (owned below), so nothing is trained twice.
 RUN_ROOTS = {name: RESULTS if name == BASE_RUN else f"{RESULTS}/variants/{name}" for name in RUNS}
@@ -190,7 +190,7 @@ def final_outputs():
 
 # ---------------------------------------------------------------- params (rerun triggers)
 
-# A rule's `params.config` is exactly the config its job computes from (purireid.config.STAGE_KEYS):
+# A rule's `params.config` is exactly the config its job computes from (purireid.config.resolve.STAGE_KEYS):
 # the job is given these keys and no others, plus the execution-only keys (device, train.gpus,
 # data.workers, data.test_batch_size), which change how it runs but not what it computes and
 # so trigger no rerun. prepare.workers reaches the prepare job as its thread count.

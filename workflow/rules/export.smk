@@ -5,7 +5,7 @@
 
 rule export_student:
     """Export the evaluated student (input float32 [batch, 3, H, W], dynamic batch; output the
-    L2-normalised global feature) and check parity with PyTorch (purireid.export)."""
+    L2-normalised global feature) and check parity with PyTorch (purireid.serving.export)."""
     input:
         checkpoint=out("student", "model.pth"),
         # After evaluation: the DAG ends in a file whose accuracy eval.json states.

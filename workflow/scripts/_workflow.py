@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from purireid.config import deep_merge, execution_settings
+from purireid.config.resolve import deep_merge, execution_settings
 from purireid.log import get_logger, setup_logging
-from purireid.stages.signals import STOPPED_STATUSES, exit_on_signals
+from purireid.runtime.signals import STOPPED_STATUSES, exit_on_signals
 
 log = get_logger("workflow")
 

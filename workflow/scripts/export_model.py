@@ -1,10 +1,10 @@
-"""Rule export_student: the evaluated student as ONNX / TorchScript, parity-checked (purireid.export)."""
+"""Rule export_student: the evaluated student as ONNX / TorchScript, parity-checked (purireid.serving.export)."""
 
 from _workflow import log, run_stage
 
 
 def main(config: dict) -> None:
-    from purireid.export import export_model  # here, so an import error lands in the rule log
+    from purireid.serving.export import export_model  # here, so an import error lands in the rule log
 
     settings = config["export"]
     report = export_model(snakemake.input.checkpoint, snakemake.output.model, fmt=settings["format"],

@@ -1,5 +1,5 @@
 """Rule summary: one row per evaluated model (and the untrained starting point) as TSV, Markdown
-and HTML (purireid.summary does the tabulating). Reads only its inputs and params (no config)."""
+and HTML (purireid.evaluation.summary does the tabulating). Reads only its inputs and params (no config)."""
 
 import json
 import logging
@@ -9,8 +9,8 @@ from purireid.log import setup_logging
 setup_logging(snakemake.log[0])
 log = logging.getLogger("purireid.workflow")
 try:
-    from purireid.io import read_jsonl, write_text_atomic
-    from purireid.summary import summary_rows, to_html, to_markdown, to_tsv
+    from purireid.io.files import read_jsonl, write_text_atomic
+    from purireid.evaluation.summary import summary_rows, to_html, to_markdown, to_tsv
 
     models = list(snakemake.params.models)
     evaluations, logs = {}, {}

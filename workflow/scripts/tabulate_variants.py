@@ -1,4 +1,4 @@
-"""Rules ablation and sweep: one row per variant (purireid.ablation) as CSV, Markdown and HTML,
+"""Rules ablation and sweep: one row per variant (purireid.evaluation.ablation) as CSV, Markdown and HTML,
 and a figure. Reads only its inputs and params (no config)."""
 
 import json
@@ -11,9 +11,9 @@ log = logging.getLogger("purireid.workflow")
 
 
 try:
-    from purireid.ablation import to_csv, to_html, to_markdown, variant_row
-    from purireid.io import read_jsonl, write_text_atomic
-    from purireid.stages.reporting import plot_sweep, plot_variant_bars
+    from purireid.evaluation.ablation import to_csv, to_html, to_markdown, variant_row
+    from purireid.io.files import read_jsonl, write_text_atomic
+    from purireid.evaluation.reporting import plot_sweep, plot_variant_bars
 
     rows, rerank = [], False
     for spec in snakemake.params.rows:

@@ -1,6 +1,6 @@
 """Export a trained model to TorchScript or ONNX, with a parity check against PyTorch.
 
-The exported graph is the inference path of purireid.models.MultiViewResNet: input float32
+The exported graph is the inference path of purireid.model.network.MultiViewResNet: input float32
 [B, 3, H, W], RGB, ImageNet-normalised (mean 0.485/0.456/0.406, std 0.229/0.224/0.225), H x W
 the checkpoint's input size, any batch size B >= 1; output the L2-normalised global feature
 [B, D] (outputs "global", "upper", "lower" with views="all"). A model trained with
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from purireid.api import Checkpoint, InputError, read_checkpoint, resolve_views
-from purireid.models import input_norm_of, standardise_per_image
+from purireid.serving.api import Checkpoint, InputError, read_checkpoint, resolve_views
+from purireid.model.network import input_norm_of, standardise_per_image
 
 __all__ = ["EXPORT_FORMATS", "ONNX_OPSET", "ExportReport", "ExportedFeatures", "ParityError", "export_model"]
 
@@ -60,7 +60,7 @@ class ExportedFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, views: tuple[str, ...]) -> None:
         super().__init__()
-        from purireid.models import MultiViewResNet
+        from purireid.model.network import MultiViewResNet
 
         if not isinstance(model, MultiViewResNet):
             raise TypeError(f"expected a MultiViewResNet, got {type(model).__name__}")
@@ -149,7 +149,7 @@ def export_model(checkpoint: str | Path | Checkpoint, out: str | Path, *, fmt: s
                  views: str = "global", opset: int = ONNX_OPSET, tolerance: float = DEFAULT_TOLERANCE,
                  seed: int = 0) -> ExportReport:
     """Export `checkpoint` to `out` and check parity; the file appears only if parity holds."""
-    from purireid.io import atomic_path
+    from purireid.io.files import atomic_path
 
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")

@@ -1,7 +1,7 @@
 """Gallery search: exact k nearest gallery images of each query, ranked lists as JSON and HTML.
 
 `exact_search` returns, for every query, the k gallery items of smallest squared Euclidean
-distance, ties broken by gallery index, with the exactness convention of purireid.neighbours:
+distance, ties broken by gallery index, with the exactness convention of purireid.labels.neighbours:
 a distance is the float64 value of the float32 features rounded to a 2**-22 grid (the "key").
 It is two-stage, whatever the backend:
 
@@ -17,7 +17,7 @@ It is two-stage, whatever the backend:
 So results are identical for every backend and device; only the speed differs.
 
 With identities known (Market-style file names, `0002_c1s1_000451_03.jpg`) the metrics are
-purireid.evaluation's, under the evaluate stage's protocol (SPEC §8).
+purireid.evaluation.metrics's, under the evaluate stage's protocol (SPEC §8).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["BACKENDS", "GalleryIndex", "SearchResult", "exact_search", "market_i
            "ranked_lists", "rerank_search", "write_ranked_html", "write_ranked_json"]
 
 BACKENDS = ("auto", "bf16", "faiss", "torch")
-_GRID = 2.0**22  # key grid of purireid.neighbours
+_GRID = 2.0**22  # key grid of purireid.labels.neighbours
 _U32 = 2.0**-24  # float32 unit roundoff
 _EXTRA = 32  # candidates beyond k in the first pass
 _WIDEN = 16  # candidate factor of the second pass
@@ -292,7 +292,7 @@ def exact_search(query: Any, gallery: Any, k: int, *, backend: str = "auto",
 
 def rerank_search(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[SearchResult, np.ndarray]:
     """Top k by the k-reciprocal re-ranked distance (ties by index), and that whole [Q, G] matrix."""
-    from purireid.jaccard import rerank_distance
+    from purireid.labels.jaccard import rerank_distance
 
     dist = np.asarray(rerank_distance(query, gallery), dtype=np.float32)
     kk = min(k, dist.shape[1])
@@ -326,8 +326,8 @@ def market_identities(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | N
 def protocol_metrics(query: np.ndarray, gallery: np.ndarray, q_ids: tuple[np.ndarray, np.ndarray],
                      g_ids: tuple[np.ndarray, np.ndarray], *, max_rank: int = 50,
                      reranked: np.ndarray | None = None) -> dict[str, Any]:
-    """mAP, CMC (and mINP when purireid.evaluation reports it) as the evaluate stage computes them."""
-    from purireid.evaluation import evaluate_features, evaluate_rank
+    """mAP, CMC (and mINP when purireid.evaluation.metrics reports it) as the evaluate stage computes them."""
+    from purireid.evaluation.metrics import evaluate_features, evaluate_rank
 
     (qp, qc), (gp, gc) = q_ids, g_ids
     if reranked is not None:  # the matrix evaluate_features would compute with rerank=True
@@ -366,7 +366,7 @@ def ranked_lists(result: SearchResult, query_paths: Sequence[str], gallery_paths
 
 
 def write_ranked_json(path: str | Path, ranked: list[dict], meta: dict[str, Any]) -> None:
-    from purireid.io import write_json_atomic
+    from purireid.io.files import write_json_atomic
 
     write_json_atomic(path, {**meta, "queries": ranked})
 
@@ -380,7 +380,7 @@ def write_ranked_html(path: str | Path, ranked: list[dict], *, title: str, summa
     green (true match) / red (other identity) / grey (ignored by the protocol) when identities are known.
 
     Pictures are linked by paths relative to the page, not copied."""
-    from purireid.io import write_text_atomic
+    from purireid.io.files import write_text_atomic
 
     here = Path(path).resolve().parent
 

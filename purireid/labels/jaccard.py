@@ -1,13 +1,13 @@
 """k-reciprocal Jaccard distance (SPEC §3.2) on sparse rows, and k-reciprocal re-ranking.
 
-Pure functions on in-memory arrays, built on the exact neighbour lists of purireid.neighbours
+Pure functions on in-memory arrays, built on the exact neighbour lists of purireid.labels.neighbours
 (whose docstring states the exactness conventions). The algorithm is the textbook one of
 SPEC §3.2, including the released code's k1 cap, but every matrix is sparse: memory is O(N·k)
 and no N×N array is ever built (tests/jaccard_reference.py is the dense loop reference).
 
 * `jaccard_distance` returns the symmetric CSR matrix; `jaccard_pairs` the upper triangle as
   sorted pair codes i*N + j, optionally filtered block by block (the view fusion of
-  purireid.cluster uses this to keep one view's pairs at a time).
+  purireid.labels.cluster uses this to keep one view's pairs at a time).
 * One kernel (`_overlap_sums`) computes s_ij = Σ_m min(V[i,m], V[j,m]) for a block of rows,
   summing over m in ascending order, so s_ij and s_ji are bit-identical and the upper
   triangle is the exact mirror of the lower.
@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import torch
 
 from purireid.log import get_logger
-from purireid.neighbours import as_feature_tensor, exact_lists, offset_lists, prefix_exact_lists
+from purireid.labels.neighbours import as_feature_tensor, exact_lists, offset_lists, prefix_exact_lists
 
 __all__ = ["jaccard_distance", "jaccard_pairs", "pairs_to_csr", "rerank_distance"]
 
@@ -320,7 +320,7 @@ def rerank_distance(
     gallery together); the full ranking is available there, so R(i, k) looks at k+1 entries
     (no k1 cap); V = softmax of -original over the expanded set; query expansion with k2;
     final = (1 - lambda) * Jaccard + lambda * original. Ranking uses the exact keys of
-    purireid.neighbours (ordering by d**2/max equals ordering by d).
+    purireid.labels.neighbours (ordering by d**2/max equals ordering by d).
     """
     q = as_feature_tensor(query_features)
     g = as_feature_tensor(gallery_features).to(q.device)

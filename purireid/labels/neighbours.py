@@ -1,7 +1,7 @@
 """Certified exact nearest-neighbour lists (squared Euclidean) and their candidate-search backends.
 
-Pure functions on in-memory arrays; the k-reciprocal Jaccard distance (purireid.jaccard) and
-the pseudo labels (purireid.cluster) are built on `exact_lists` and `prefix_exact_lists`, and
+Pure functions on in-memory arrays; the k-reciprocal Jaccard distance (purireid.labels.jaccard) and
+the pseudo labels (purireid.labels.cluster) are built on `exact_lists` and `prefix_exact_lists`, and
 `knn` is the public entry point. Exactness conventions (tests/jaccard_reference.py uses the same):
 
 * The distance of a pair is the squared Euclidean distance of the float32 inputs, evaluated in

@@ -34,19 +34,19 @@ import numpy as np
 import torch
 
 from purireid import VIEWS
-from purireid.cluster import cluster_centres
+from purireid.labels.cluster import cluster_centres
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
+from purireid.training.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
                                   schedule_advice)
-from purireid.distributed import DistContext
-from purireid.evaluation import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
-from purireid.features import autocast_context
-from purireid.io import sha256_file
-from purireid.labels import LabelSource, PseudoLabels
+from purireid.runtime.distributed import DistContext
+from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
+from purireid.evaluation.inference import autocast_context
+from purireid.io.files import sha256_file
+from purireid.labels.sources import LabelSource, PseudoLabels
 from purireid.log import Progress, get_logger
-from purireid.losses import CameraProxyMemory, ClusterMemory, camera_proxy_labels, distillation_loss, purification_loss
-from purireid.models import build_model
-from purireid.stages.checkpoints import (
+from purireid.training.losses import CameraProxyMemory, ClusterMemory, camera_proxy_labels, distillation_loss, purification_loss
+from purireid.model.network import build_model
+from purireid.io.checkpoints import (
     clear_state,
     config_fingerprint,
     image_list_digest,
@@ -57,10 +57,10 @@ from purireid.stages.checkpoints import (
     save_state,
     write_resolved_config,
 )
-from purireid.stages.inference import cache_dir_for, evaluate_model, extract_records
-from purireid.stages.reporting import plot_training_curve, write_jsonl
-from purireid.summary import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARMUP
-from purireid.stages.signals import GracefulTermination, TerminationRequested, exit_status
+from purireid.evaluation.inference import cache_dir_for, evaluate_model, extract_records
+from purireid.evaluation.reporting import plot_training_curve, write_jsonl
+from purireid.evaluation.summary import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARMUP
+from purireid.runtime.signals import GracefulTermination, TerminationRequested, exit_status
 
 log = get_logger("train")
 

@@ -311,7 +311,7 @@ def evaluate_features(
 
     Memory is bounded by ``chunk_size x G`` (never the full Q x G matrix), except with
     ``rerank=True``, which needs the whole re-ranked matrix from
-    ``purireid.jaccard.rerank_distance``. Same keys as :func:`evaluate_rank`.
+    ``purireid.labels.jaccard.rerank_distance``. Same keys as :func:`evaluate_rank`.
     """
     qf, gf = _as_features(query_features), _as_features(gallery_features)
     if qf.ndim != 2 or gf.ndim != 2 or qf.shape[1] != gf.shape[1]:
@@ -319,7 +319,7 @@ def evaluate_features(
     num_q, num_g = qf.shape[0], gf.shape[0]
     labels = _labels(num_q, num_g, query_pids, gallery_pids, query_cams, gallery_cams)
     if rerank:
-        from purireid.jaccard import rerank_distance  # lazy: only re-ranking needs the kNN engine
+        from purireid.labels.jaccard import rerank_distance  # lazy: only re-ranking needs the kNN engine
 
         reranked = torch.as_tensor(np.asarray(rerank_distance(qf.numpy(), gf.numpy()), dtype=np.float32))
         if tuple(reranked.shape) != (num_q, num_g):

@@ -57,19 +57,19 @@ def format_check(check: Check) -> str:
 
 def default_config_path() -> Path | None:
     """The embedded default config.yaml (beside the Snakefile of the purireid checkout), if any."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     candidate = root / "config.yaml"
     return candidate if candidate.is_file() and (root / "Snakefile").is_file() else None
 
 
 def load_doctor_config(config_file: str | Path | None) -> tuple[dict, str]:
     """The resolved config (`config_file` merged over the embedded default) and where it came from."""
-    from purireid.config import load_config
+    from purireid.config.resolve import load_config
 
     base = default_config_path()
     files = [p for p in (base, config_file) if p is not None]
     if config_file is not None and not Path(config_file).is_file():
-        from purireid.api import InputError
+        from purireid.serving.api import InputError
 
         raise InputError(f"config file {config_file}: no such file (relative paths start at {Path.cwd()})")
     source = " + ".join(str(p) for p in files) if files else "the schema's defaults"
@@ -158,7 +158,7 @@ def _faiss_checks() -> Iterator[Check]:
                     "pip uninstall -y faiss-cpu faiss-gpu; pip install faiss-cpu (or, on GPU nodes, "
                     "pip install --no-deps faiss-gpu)")
         return
-    from purireid.search import faiss_gpus
+    from purireid.serving.search import faiss_gpus
 
     gpus = faiss_gpus()
     flavour = f"GPU flavour, sees {gpus} GPU(s)" if hasattr(faiss, "StandardGpuResources") else "CPU flavour"
@@ -230,7 +230,7 @@ def _importable(module: str) -> bool:
 
 
 def _weights_check(config: Mapping[str, Any]) -> Iterator[Check]:
-    from purireid.models import imagenet_weights_path
+    from purireid.model.network import imagenet_weights_path
 
     arch, pretrained = config["model"]["arch"], str(config["model"]["pretrained"])
     if pretrained == "none":
@@ -301,8 +301,8 @@ def _timed(fn: Callable[[], str]) -> tuple[str, float]:
 def _train_step(config: Mapping[str, Any], device: torch.device) -> str:
     """One forward/backward of the configured model as training runs it on `device`."""
     from purireid import VIEWS
-    from purireid.features import autocast_context
-    from purireid.models import build_model
+    from purireid.evaluation.inference import autocast_context
+    from purireid.model.network import build_model
 
     bn_groups = config["model"]["bn_groups"]
     batch = 2 * bn_groups  # two images per BatchNorm group: a BatchNorm1d neck needs two in training mode
@@ -348,8 +348,8 @@ def _exact_knn(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _knn_check(device: torch.device, dim: int) -> str:
-    from purireid.neighbours import knn
-    from purireid.search import exact_search
+    from purireid.labels.neighbours import knn
+    from purireid.serving.search import exact_search
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1024, dim)).astype(np.float32)
@@ -370,7 +370,7 @@ def _knn_check(device: torch.device, dim: int) -> str:
     bad = int((found.indices != ref).any(axis=1).sum())
     if bad:
         raise RuntimeError(f"gallery search of {bad} of {len(query)} queries differs from the exact CPU result")
-    from purireid.search import resolve_backend
+    from purireid.serving.search import resolve_backend
 
     return (f"kNN of {len(x)} x {dim}-d (k={k}) and search of {len(query)} queries: identical to the exact "
             f"CPU result (search backend {resolve_backend('auto', device)})")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from purireid import VIEWS
-from purireid.cluster import pseudo_labels
+from purireid.labels.cluster import pseudo_labels
 
 
 class DegenerateLabels(RuntimeError):

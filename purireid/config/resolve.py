@@ -21,7 +21,7 @@ import jsonschema
 import numpy as np
 import yaml
 
-SCHEMA_RESOURCE = "schemas/config.schema.yaml"
+SCHEMA_RESOURCE = "config/schemas/config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -169,7 +169,7 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict:
         raise ConfigError(
             "invalid configuration:\n" + "\n".join(lines)
             + "\nFix these keys in config.yaml or in the file given with --configfile "
-            "(the schema with every key and its default is purireid/schemas/config.schema.yaml)."
+            "(the schema with every key and its default is purireid/config/schemas/config.schema.yaml)."
         )
     _check_cross_keys(resolved)
     if resolved["model"]["pretrained"] == "source":

@@ -2,7 +2,7 @@
 outputs, config fingerprints, model checkpoints, the resume state of a training run, and the
 teacher-feature HDF5 file.
 
-Every file is written atomically (purireid.io) and byte-reproducibly: equal inputs give equal
+Every file is written atomically (purireid.io.files) and byte-reproducibly: equal inputs give equal
 bytes (no timestamps, no temporary names inside archives).
 """
 
@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from purireid import VIEWS, __version__
-from purireid.config import without_execution_keys
-from purireid.io import atomic_path, torch_save_atomic, write_yaml_atomic
+from purireid.config.resolve import without_execution_keys
+from purireid.io.files import atomic_path, torch_save_atomic, write_yaml_atomic
 from purireid.log import get_logger
-from purireid.models import build_model, input_norm_of
+from purireid.model.network import build_model, input_norm_of
 
 log = get_logger("checkpoints")
 

@@ -1,6 +1,6 @@
 """Using a trained model outside the workflow: checkpoints, `FeatureExtractor`, image lists, feature files.
 
-The `purireid` command (purireid.cli) is a thin layer over this module:
+The `purireid` command (purireid.serving.cli) is a thin layer over this module:
 
 * `read_checkpoint` opens a stage checkpoint (`model.pth` of train_teacher / train_student: a dict
   with state_dict, arch, feat_dim, config, ...) and refuses anything else with a message naming
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from purireid import VIEWS, __version__
-from purireid.distributed import DeviceUnavailable
-from purireid.distributed import resolve_device as resolve_configured_device
+from purireid.runtime.distributed import DeviceUnavailable
+from purireid.runtime.distributed import resolve_device as resolve_configured_device
 
 __all__ = [
     "Checkpoint", "Extraction", "FeatureExtractor", "FeatureFile", "InputError", "IMAGE_SUFFIXES",
@@ -40,7 +40,7 @@ __all__ = [
     "resolve_views", "write_feature_file",
 ]
 
-log = logging.getLogger("purireid.api")
+log = logging.getLogger("purireid.serving.api")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FEATURE_FILE_FORMAT = "purireid-features"
@@ -91,7 +91,7 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The model in eval mode on `device`, with the checkpoint's weights."""
-        from purireid.models import build_model, input_norm_of
+        from purireid.model.network import build_model, input_norm_of
 
         model = build_model(self.arch, pretrained="none", input_norm=input_norm_of(self.config))
         try:
@@ -105,7 +105,7 @@ class Checkpoint:
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Open a `model.pth` written by the train_teacher / train_student stages; clear errors otherwise."""
-    from purireid.io import sha256_file
+    from purireid.io.files import sha256_file
 
     path = Path(path)
     fix = ("give the model.pth written by the train_teacher or train_student rule "
@@ -302,7 +302,7 @@ class FeatureExtractor:
     def forward_batch(self, batch: np.ndarray, views: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Features of a uint8 [B, H, W, 3] batch of resized RGB images."""
         from purireid.data.transforms import normalise_batch
-        from purireid.features import autocast_context
+        from purireid.evaluation.inference import autocast_context
 
         # uint8 to the device (a quarter of the bytes of float32), normalised there.
         x = normalise_batch(torch.from_numpy(batch).to(self.device))
@@ -411,7 +411,7 @@ def write_feature_file(path: str | Path, extraction: Extraction, checkpoint: Che
     """Write the features, the image paths and the model's provenance atomically (HDF5)."""
     import h5py
 
-    from purireid.io import atomic_path
+    from purireid.io.files import atomic_path
 
     strings = h5py.string_dtype()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:

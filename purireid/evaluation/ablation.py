@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from purireid.summary import METRICS, PHASE_TRAIN, PHASE_UNTRAINED, format_duration, html_table, percent, \
+from purireid.evaluation.summary import METRICS, PHASE_TRAIN, PHASE_UNTRAINED, format_duration, html_table, percent, \
     protocol_note, record_phase, training_totals
 
 CSV_COLUMNS = ("variant", "about", "changes", "model", *(f"{key}_pct" for key, _ in METRICS), "start_mAP_pct",

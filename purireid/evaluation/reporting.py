@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from purireid.data import Record
-from purireid.io import atomic_path, write_text_atomic
-from purireid.summary import PHASE_UNTRAINED, record_phase
+from purireid.io.files import atomic_path, write_text_atomic
+from purireid.evaluation.summary import PHASE_UNTRAINED, record_phase
 
 RANKED_LIST_LENGTH = 10
 # Extra candidates fetched so that same-pid-same-camera matches, which the protocol

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from purireid.config import ConfigError, deep_merge, load_schema, resolve_config, stage_params
+from purireid.config.resolve import ConfigError, deep_merge, load_schema, resolve_config, stage_params
 
 BASE_RUN = "default"
 # The model a variant's row scores, and the rule that trains it.

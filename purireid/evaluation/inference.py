@@ -1,20 +1,72 @@
-"""Inference shared by the stages: eval-mode features of a list of records (sharded over the
-processes of a DDP run), query/gallery evaluation of a model, and where the decoded-image
-cache lives."""
+"""Inference: eval-mode, L2-normalised features of images (the one extractor behind the
+training loop, the stages, the CLI and the API), sharded over the processes of a DDP run;
+query/gallery evaluation of a model; and where the decoded-image cache lives."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from purireid import VIEWS
 from purireid.data import Record, build_test_loader
-from purireid.distributed import DistContext
-from purireid.evaluation import evaluate_features
-from purireid.features import extract_features
+from purireid.log import progress_iter
+from purireid.runtime.distributed import DistContext
+from purireid.evaluation.metrics import evaluate_features
+
+
+def autocast_context(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay in fp32)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_images: int,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    views: Sequence[str] = VIEWS,
+    desc: str = "extract",
+) -> dict[str, torch.Tensor]:
+    """Eval-mode, L2-normalised features of every image the loader yields, as CPU float32.
+
+    Rows are placed by the indices the loader yields, so row i belongs to record i.
+    """
+    was_training = model.training
+    model.eval()
+    out: dict[str, torch.Tensor] = {}
+    filled = torch.zeros(num_images, dtype=torch.bool)
+    try:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for images, indices in progress_iter(loader, total, desc, unit="batch"):
+            images = images.to(device, non_blocking=True)
+            if channels_last and device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp):
+                feats = model(images)
+            for view in views:
+                f = torch.nn.functional.normalize(feats[view].float(), dim=1).cpu()
+                if view not in out:
+                    out[view] = torch.empty((num_images, f.shape[1]), dtype=torch.float32)
+                out[view][indices] = f
+            filled[indices] = True
+    finally:
+        model.train(was_training)
+    if num_images and not bool(filled.all()):
+        missing = int((~filled).sum())
+        raise RuntimeError(f"feature extraction missed {missing} of {num_images} images")
+    return out
+
 
 
 def cache_dir_for(manifest: str | Path) -> Path:
@@ -47,7 +99,7 @@ def evaluate_model(model: torch.nn.Module, splits: Mapping[str, Sequence[Record]
                    ctx: DistContext, *, rerank: bool, max_rank: int, topk: int = 0,
                    cache_dir: Path | None = None) -> dict:
     """mAP / CMC (ranks 1..max_rank) of the global view on query vs gallery (SPEC §8), plus the
-    `topk` best gallery indices per query when topk > 0 (see purireid.evaluation)."""
+    `topk` best gallery indices per query when topk > 0 (see purireid.evaluation.metrics)."""
     query = extract_records(model, splits["query"], config, ctx, "query", cache_dir)["global"]
     gallery = extract_records(model, splits["gallery"], config, ctx, "gallery", cache_dir)["global"]
 

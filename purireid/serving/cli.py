@@ -1,5 +1,5 @@
-"""The `purireid` command: extract, search, export, doctor (argparse; the work is in purireid.api,
-purireid.search, purireid.export and purireid.doctor).
+"""The `purireid` command: extract, search, export, doctor (argparse; the work is in purireid.serving.api,
+purireid.serving.search, purireid.serving.export and purireid.serving.doctor).
 
 Exit status: 0 success, 1 failure (bad input named with its fix, a failed parity check, doctor
 findings), 2 usage errors (argparse's convention).
@@ -29,7 +29,7 @@ def _say(message: str) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from purireid.api import FeatureExtractor, collect_images, write_feature_file
+    from purireid.serving.api import FeatureExtractor, collect_images, write_feature_file
 
     images = collect_images(args.images, root=args.root, split=args.split)
     fx = FeatureExtractor(args.checkpoint, device=args.device, views=args.views, batch_size=args.batch_size,
@@ -56,7 +56,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features, paths, source)
-    from purireid.api import FeatureExtractor, InputError, check_same_model, collect_images, read_feature_file
+    from purireid.serving.api import FeatureExtractor, InputError, check_same_model, collect_images, read_feature_file
 
     sources = args.query
     if len(sources) == 1 and Path(sources[0]).suffix.lower() in (".h5", ".hdf5"):
@@ -71,7 +71,7 @@ def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features
     check_same_model(fx.checkpoint, gallery)
     images = collect_images(sources)
     result = fx.extract(images, skip_unreadable=args.skip_unreadable,
-                        on_skip=lambda path, why: logging.getLogger("purireid.search").warning(
+                        on_skip=lambda path, why: logging.getLogger("purireid.serving.search").warning(
                             "skipped unreadable query image %s (%s)", path, why))
     return result.features["global"], result.paths, "images"
 
@@ -79,8 +79,8 @@ def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features
 def cmd_search(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from purireid.api import InputError, read_feature_file, resolve_device
-    from purireid.search import (exact_search, market_identities, protocol_metrics, ranked_lists, rerank_search,
+    from purireid.serving.api import InputError, read_feature_file, resolve_device
+    from purireid.serving.search import (exact_search, market_identities, protocol_metrics, ranked_lists, rerank_search,
                                  write_ranked_html, write_ranked_json)
 
     if args.topk < 1:
@@ -155,7 +155,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from purireid.export import export_model
+    from purireid.serving.export import export_model
 
     report = export_model(args.checkpoint, args.out, fmt=args.format, views=args.views, opset=args.opset,
                           tolerance=args.tolerance)
@@ -172,7 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from purireid.doctor import doctor_checks, format_check, load_doctor_config
+    from purireid.serving.doctor import doctor_checks, format_check, load_doctor_config
 
     config, source = load_doctor_config(args.config)
     _say(f"purireid doctor — config: {source}")
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true", help="for query images: leave unreadable ones out")
     p.set_defaults(func=cmd_search)
 
-    from purireid.export import DEFAULT_TOLERANCE, ONNX_OPSET
+    from purireid.serving.export import DEFAULT_TOLERANCE, ONNX_OPSET
 
     p = sub.add_parser("export", formatter_class=_Formatter, help="export to ONNX or TorchScript",
                        description="Export the model's inference path: input float32 [batch, 3, H, W] RGB, "
@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from purireid.api import InputError
-    from purireid.config import ConfigError
+    from purireid.serving.api import InputError
+    from purireid.config.resolve import ConfigError
     from purireid.log import setup_logging
 
     parser = build_parser()
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"purireid {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - known failure kinds without a traceback
-        from purireid.export import ParityError
+        from purireid.serving.export import ParityError
 
         if isinstance(exc, ParityError):
             print(f"purireid {args.command}: error: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Pseudo labels (SPEC §3.3-3.5): fusion of the views' Jaccard distances, DBSCAN, cluster centres.
 
 Pure functions on in-memory arrays. The per-view k-reciprocal Jaccard distance comes from
-purireid.jaccard (on the exact neighbour lists of purireid.neighbours); DBSCAN is
+purireid.labels.jaccard (on the exact neighbour lists of purireid.labels.neighbours); DBSCAN is
 scikit-learn's, run on a sparse precomputed graph.
 
 The fused distance D = w0·D0 + w1·D1 + w2·D2 (w = 1 - 2·λ1, λ1, λ1; a pair absent from a
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from purireid import VIEWS
-from purireid.jaccard import PairFilter, jaccard_pairs, pairs_to_csr
+from purireid.labels.jaccard import PairFilter, jaccard_pairs, pairs_to_csr
 from purireid.log import get_logger
 
 __all__ = ["fuse_views", "pseudo_labels", "cluster_centres"]
@@ -143,7 +143,7 @@ def pseudo_labels(
     (a mapping keyed by VIEWS, or a sequence in VIEWS order), SPEC §3.2-3.4.
 
     `same_camera_offset` (with `camids`) is added to same-camera squared distances before the
-    Jaccard distance of each view (`purireid.jaccard.jaccard_pairs`; 0 = the paper).
+    Jaccard distance of each view (`purireid.labels.jaccard.jaccard_pairs`; 0 = the paper).
     `backend` picks the kNN candidate search only (labels are identical). `stats`, if given,
     accumulates seconds ("knn_s", "jaccard_s" including the fusion, "dbscan_s") and counts
     ("uncertified_rows", "rescored_pairs", "fused_pairs")."""

@@ -1,0 +1,2 @@
+"""Evaluation and reporting: feature extraction, retrieval metrics, the results table, the
+ablation tables and the figures."""

@@ -1,0 +1,2 @@
+"""Pseudo labels: exact neighbour lists, the k-reciprocal Jaccard distance, view fusion and
+DBSCAN, and the label sources an epoch trains from."""

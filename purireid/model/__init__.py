@@ -1,0 +1,1 @@
+"""The network: the multi-view ResNet (backbones by name) and group BatchNorm."""
