@@ -11,13 +11,8 @@ from torch import nn
 from torchvision import models as tvm
 
 from purireid import VIEWS
-from purireid.model.network import (
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    build_model,
-    imagenet_weights_path,
-    set_bn_groups,
-)
+from purireid.model.batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, set_bn_groups
+from purireid.model.network import build_model, imagenet_weights_path
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
