@@ -21,9 +21,11 @@ import torch
 
 from purireid import VIEWS
 from purireid.runtime.distributed import DistContext
-from purireid.training.losses import ClusterMemory
 from purireid.model.network import build_model
-from purireid.training.loop import train_one_epoch
+from purireid.training.loop import StepSettings, train_one_epoch
+from purireid.training.losses import view_weights
+from purireid.training.terms import EpochTargets
+from purireid.training.terms.memory import MemoryTerm
 
 
 def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int) -> float:
@@ -32,13 +34,14 @@ def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int
     model = build_model(arch, "none").train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     num_clusters = 64
-    memories = {v: ClusterMemory(torch.nn.functional.normalize(torch.randn(num_clusters, model.feat_dim), dim=1))
-                for v in VIEWS}
     labels = torch.randint(0, num_clusters, (batch,)).numpy()
+    features = {v: torch.nn.functional.normalize(torch.randn(batch, model.feat_dim), dim=1) for v in VIEWS}
+    memory = MemoryTerm(temperature=0.05, rounds=batch)
+    memory.start_epoch(EpochTargets(labels, features, labels * 0, int(labels.max()) + 1, 0.1, torch.device("cpu")))
     batches = [(torch.randn(batch, 3, height, width), torch.arange(batch))]
 
     def run(count: int) -> None:
-        train_one_epoch(model, optimizer, memories, labels, batches * count, DistContext(), lambda2=0.2)
+        train_one_epoch(model, optimizer, batches * count, [memory], DistContext(), StepSettings(view_weights(0.2)))
 
     run(1)  # warm-up: allocator, kernels
     tic = time.perf_counter()

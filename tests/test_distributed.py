@@ -232,6 +232,7 @@ def _collectives(out: str, *, ctx: DistContext) -> None:
     """Run in each of 2 gloo processes: the DistContext helpers the trainer relies on."""
     local = torch.arange(3 + ctx.rank, dtype=torch.float32) + 10 * ctx.rank  # uneven sizes
     gathered = ctx.all_gather_cat(local)
+    equal = ctx.all_gather_equal(torch.arange(2) + 10 * ctx.rank)  # a step's equal shares, no size exchange
     obj = ctx.broadcast_object({"from": ctx.rank})
     flags = (ctx.any_true(ctx.rank == 1), ctx.any_true(False))
     mean = ctx.all_reduce_mean({"x": float(ctx.rank)})
@@ -240,7 +241,7 @@ def _collectives(out: str, *, ctx: DistContext) -> None:
     ctx.broadcast_buffers(buf)
     shards = [list(DistContext(r, ctx.world_size).shard(7)) for r in range(ctx.world_size)]
     Path(out, f"rank{ctx.rank}.json").write_text(json.dumps({
-        "gathered": gathered.tolist(), "obj": obj, "flags": flags, "mean": mean,
+        "gathered": gathered.tolist(), "equal": equal.tolist(), "obj": obj, "flags": flags, "mean": mean,
         "buffer": buf.running_mean.tolist(), "shards": shards}))
 
 
@@ -250,6 +251,7 @@ def test_dist_context_collectives_under_gloo(tmp_path, monkeypatch):
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["gathered"] == [0, 1, 2, 10, 11, 12, 13]  # rank order, uneven sizes
+        assert got["equal"] == [0, 1, 10, 11]
         assert got["obj"] == {"from": 0}
         assert got["flags"] == [True, False]
         assert got["mean"] == {"x": 0.5}

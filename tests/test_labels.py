@@ -12,6 +12,9 @@ from purireid import VIEWS
 from purireid.runtime.distributed import DistContext
 from purireid.labels.sources import DegenerateClustering, DegenerateLabels, TrueLabels, check_clusters, count_classes
 from purireid.training.loop import label_epoch
+from purireid.training.terms import build_terms
+from purireid.training.terms.camera_proxy import CameraProxyTerm
+from purireid.training.terms.memory import MemoryTerm
 
 
 def test_true_labels_are_relabelled_and_fixed():
@@ -28,32 +31,38 @@ def test_true_labels_are_relabelled_and_fixed():
     assert source.fingerprint() != TrueLabels([7, 3, 9, -1, 3, 9], batch_size=8, num_instances=4).fingerprint()
 
 
-def test_label_epoch_builds_memories_from_the_sources_labels_and_features():
+def test_label_epoch_gives_the_terms_their_memories_from_the_sources_labels_and_features():
     rng = np.random.default_rng(0)
     features = {v: torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((6, 4)).astype(np.float32)),
                                                  dim=1) for v in VIEWS}
     source = TrueLabels([5, 5, 8, 8, 8, -1], batch_size=4, num_instances=2, features=features)
-    config = {"train": {"temperature": 0.05, "camera_proxy": 0.0}}
-    targets = label_epoch(None, source, [None] * 6, config, DistContext(), epoch=0, memory_momentum=1.0)
+    records = [SimpleNamespace(camid=c) for c in (0, 1, 2, 2, 0, 1)]
+    config = {"train": {"temperature": 0.05, "camera_proxy": 0.0, "num_instances": 2}}
+    labelling = label_epoch(None, source, records, config, DistContext(), epoch=0, memory_momentum=1.0)
+    targets = labelling.targets
     assert targets.labels.tolist() == [0, 0, 1, 1, 1, -1] and targets.num_classes == 2
-    assert targets.proxies is None and targets.proxy_labels is None
+    assert [t.name for t in build_terms(config)] == ["ce"]  # the camera proxies are off
+    memory = MemoryTerm.from_config(config)
+    memory.start_epoch(targets)
     for v in VIEWS:
         centres = torch.stack([features[v][:2].mean(0), features[v][2:5].mean(0)])
         expected = torch.nn.functional.normalize(centres, dim=1)
-        assert torch.allclose(targets.memories[v].memory, expected, atol=1e-6), v
-        assert targets.memories[v].momentum == 1.0
+        assert torch.allclose(memory.memories[v].memory, expected, atol=1e-6), v
+        assert memory.memories[v].momentum == 1.0
 
     # train.camera_proxy > 0: a proxy per (class, camera), from those images' features
-    records = [SimpleNamespace(camid=c) for c in (0, 1, 2, 2, 0, 1)]
-    config = {"train": {"temperature": 0.05, "camera_proxy": 0.5}}
-    targets = label_epoch(None, source, records, config, DistContext(), epoch=0, memory_momentum=0.5)
-    assert targets.proxy_labels.tolist() == [0, 1, 3, 3, 2, -1]  # (0,0) (0,1) (1,0) (1,2)
+    config = {"train": {"temperature": 0.05, "camera_proxy": 0.5, "num_instances": 2}}
+    targets = label_epoch(None, source, records, config, DistContext(), epoch=0, memory_momentum=0.5).targets
+    assert [t.name for t in build_terms(config)] == ["ce", "camproxy"]
+    proxies = CameraProxyTerm.from_config(config)
+    proxies.start_epoch(targets)
+    assert proxies.proxy_labels.tolist() == [0, 1, 3, 3, 2, -1]  # (0,0) (0,1) (1,0) (1,2)
     for v in VIEWS:
         f = features[v]
         expected = torch.nn.functional.normalize(torch.stack([f[0], f[1], f[4], (f[2] + f[3]) / 2]), dim=1)
-        assert torch.allclose(targets.proxies[v].proxies.memory, expected, atol=1e-6), v
-        assert targets.proxies[v].proxy_classes.tolist() == [0, 0, 1, 1]
-        assert targets.proxies[v].proxies.momentum == 0.5
+        assert torch.allclose(proxies.proxies[v].proxies.memory, expected, atol=1e-6), v
+        assert proxies.proxies[v].proxy_classes.tolist() == [0, 0, 1, 1]
+        assert proxies.proxies[v].proxies.momentum == 0.5
 
 
 def test_cluster_check_is_a_degenerate_labels_error():

@@ -16,7 +16,7 @@ from conftest import REPO, prepare_tiny_dataset, tiny_config
 from purireid import VIEWS
 from purireid.config.resolve import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
 from purireid.training.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
-                                  schedule_advice)
+                                  replacement_advice, schedule_advice)
 from purireid.labels.sources import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
 from purireid.training.loop import lr_step_size
@@ -281,3 +281,11 @@ def _evaluate_untrained(config, dataset, checkpoint) -> float:
     metrics = evaluate_model(model, splits, stage_config(config, "train_teacher"), DistContext(),
                              rerank=False, max_rank=1, cache_dir=cache_dir_for(dataset["manifest"]))
     return metrics["mAP"]
+
+
+def test_replacement_advice_says_when_most_classes_are_smaller_than_a_batch_takes():
+    labels = np.repeat(np.arange(6), [2, 3, 2, 8, 3, 9])  # 4 of 6 classes under 4 images
+    advice = replacement_advice(labels, 4)
+    assert "4 of 6 classes" in advice and "train.num_instances=4" in advice and "with replacement" in advice
+    assert replacement_advice(labels, 2) is None
+    assert replacement_advice(np.array([-1, -1]), 4) is None  # nothing clustered: no classes to judge

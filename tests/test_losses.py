@@ -50,7 +50,7 @@ def test_memory_loss_and_gradient_vs_manual():
     # d loss / d f_i = (p_i - onehot_i) @ M / tau / B
     grad = (p - F.one_hot(targets, 5).double()) @ centres.double() / 0.05 / 6
     torch.testing.assert_close(feats.grad.double(), grad, rtol=1e-4, atol=1e-6)
-    assert "memory" in dict(mem.named_buffers())
+    assert "table" in dict(mem.named_buffers()) and mem.memory.shape == centres.shape
     assert list(mem.parameters()) == []
 
 
@@ -117,6 +117,25 @@ def test_update_validation():
     mem.update(_unit(0, 4), torch.zeros(0, dtype=torch.long))  # empty batch: no-op
     with pytest.raises(ValueError):
         ClusterMemory(_unit(3, 4), momentum=1.5)
+
+
+def test_update_with_the_samplers_rounds_equals_the_checked_update():
+    """The trainer passes rounds = train.num_instances (no value read back from the device): the
+    memory is bit-for-bit that of the update that works the rounds out, and of the sequential loop."""
+    centres = _unit(6, 8, seed=12)
+    feats = _unit(12, 8, seed=13)
+    targets = torch.tensor([2, 5, 2, 0, 5, 2, 1, 0, 2, 5, 1, 3])  # at most 4 of one label
+    checked, fixed = ClusterMemory(centres, momentum=0.3), ClusterMemory(centres, momentum=0.3)
+    checked.update(feats, targets)
+    fixed.update(feats, targets, rounds=6)  # more rounds than needed: the extra ones write nothing
+    assert torch.equal(checked.memory, fixed.memory)
+    torch.testing.assert_close(fixed.memory, reference_update(centres, feats, targets, 0.3))
+    fixed.raise_if_rounds_overflowed("train.num_instances")  # nothing skipped
+
+    short = ClusterMemory(centres, momentum=0.3)
+    short.update(feats, targets, rounds=3)  # label 2's fourth image is left out, and counted
+    with pytest.raises(RuntimeError, match="1 memory updates were skipped.*train.num_instances"):
+        short.raise_if_rounds_overflowed("train.num_instances")
 
 
 def test_occurrence_rank():

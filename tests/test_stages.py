@@ -29,6 +29,7 @@ from purireid.io.checkpoints import FeatureFileMismatch, load_model_checkpoint, 
 from purireid.evaluation.inference import evaluate_model, extract_records
 from purireid.runtime.signals import GracefulTermination
 from purireid.training.loop import EpochPlan, TeacherGuidance, TrainingRun, run_epoch, train
+from purireid.training.terms import build_terms
 
 
 def tiny_config(data_root: Path, **sections) -> dict:
@@ -163,9 +164,9 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
         from purireid.model.network import build_model
         model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
-        with GracefulTermination() as term:
-            run = TrainingRun(config, DistContext(), train_records, loader, term,
-                              cache_dir=dataset["manifest"].parent / "cache", teacher=guide)
+        with GracefulTermination() as stop:
+            run = TrainingRun(config, DistContext(), train_records, loader, stop, build_terms(config, teacher=guide),
+                              cache_dir=dataset["manifest"].parent / "cache")
             record = run_epoch(run, plan, model, model, optimizer)
         results.append((record, model.state_dict()))
     (r0, s0), (r1, s1) = results
@@ -192,8 +193,9 @@ def test_camera_proxy_term_joins_the_loss(dataset):
         from purireid.model.network import build_model
         model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
-        with GracefulTermination() as term:
-            run = TrainingRun(config, DistContext(), records, loader, term, cache_dir=dataset["manifest"].parent / "cache")
+        with GracefulTermination() as stop:
+            run = TrainingRun(config, DistContext(), records, loader, stop, build_terms(config),
+                              cache_dir=dataset["manifest"].parent / "cache")
             record = run_epoch(run, plan, model, model, optimizer)
         results.append((record, model.state_dict()))
     (plain, s0), (with_proxies, s1) = results
@@ -315,3 +317,21 @@ def test_keep_best_outputs_the_best_evaluated_epoch(dataset, tmp_path):
                          max_rank=1)["mAP"]
     assert got == pytest.approx(max(evaluated.values()), abs=1e-6)
     assert not (paths["state_dir"] / "best.pth").exists()
+
+
+def test_a_stop_before_the_first_epoch_keeps_no_state_and_says_so(dataset, tmp_path, monkeypatch, caplog):
+    """SIGTERM before any epoch completed: exit 143, and the log says a rerun starts over (there is
+    no state to resume from), not that the state of 0 epochs was kept."""
+    from purireid.runtime.signals import TerminationRequested
+
+    def stop_now(self, ctx=None):
+        raise TerminationRequested("received SIGTERM", signal.SIGTERM)
+
+    monkeypatch.setattr(GracefulTermination, "check", stop_now)
+    paths = teacher_paths(tmp_path)
+    with caplog.at_level("WARNING", logger="purireid"), pytest.raises(SystemExit) as stopped:
+        train_teacher.run(job(dataset["config"], "train_teacher"), manifest=dataset["manifest"], **paths)
+    assert stopped.value.code == 143
+    assert "before its first epoch completed; no state is kept" in caplog.text
+    assert "completed epochs is kept" not in caplog.text
+    assert not (paths["state_dir"] / "state.pth").exists() and not paths["model_out"].exists()

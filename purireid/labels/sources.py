@@ -94,6 +94,11 @@ class LabelSource(abc.ABC):
     def fingerprint(self) -> Any:
         """JSON-able identity of the source, part of the resume fingerprint."""
 
+    def advice(self, diagnostics: Mapping[str, Any]) -> list[str]:
+        """Warnings about the first epoch's labels (`diagnostics`: purireid.training.diagnostics.
+        label_diagnostics of them), naming the config keys to change; none by default."""
+        return []
+
 
 def camera_centred(features: torch.Tensor, camids: np.ndarray | Sequence[int]) -> torch.Tensor:
     """Features with each camera's mean feature subtracted, then L2-normalised again.
@@ -125,6 +130,12 @@ class PseudoLabels(LabelSource):
 
     role = "teacher"
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], records: Sequence[Any], *,
+                    features: Mapping[str, torch.Tensor] | None = None) -> PseudoLabels:
+        """Pseudo labels of `records` (the train split; their cameras feed the camera options)."""
+        return cls(config, features=features, camids=np.array([r.camid for r in records], dtype=np.int64))
+
     def __init__(self, config: Mapping[str, Any], *, features: Mapping[str, torch.Tensor] | None = None,
                  camids: np.ndarray | Sequence[int] | None = None) -> None:
         self.cluster = dict(config["cluster"])
@@ -146,6 +157,16 @@ class PseudoLabels(LabelSource):
 
     def check(self, labels: np.ndarray, *, epoch: int) -> int:
         return check_clusters(labels, self.config, epoch)
+
+    def advice(self, diagnostics: Mapping[str, Any]) -> list[str]:
+        from purireid.training.diagnostics import camera_advice, k1_advice
+
+        cluster = self.cluster
+        num_cameras = len(np.unique(self.camids)) if self.camids is not None else 0
+        found = (k1_advice(cluster["k1"], cluster["eps"], diagnostics["mean_cluster_size"]),
+                 camera_advice(diagnostics["multi_camera_share"], num_cameras, cluster["camera_centre"],
+                               cluster["same_camera_offset"]))
+        return [a for a in found if a]
 
     def fingerprint(self) -> Any:
         return {"labels": "pseudo", "cluster": self.cluster, "fixed_features": self.features is not None}
@@ -169,9 +190,17 @@ class TrueLabels(LabelSource):
         self.features = features
 
     @classmethod
-    def from_pids(cls, pids: Sequence[int] | np.ndarray, config: Mapping[str, Any]) -> TrueLabels:
+    def from_pids(cls, pids: Sequence[int] | np.ndarray, config: Mapping[str, Any], *,
+                  features: Mapping[str, torch.Tensor] | None = None) -> TrueLabels:
         """The identities as labels, with the config's train.batch_size / train.num_instances."""
-        return cls(pids, batch_size=config["train"]["batch_size"], num_instances=config["train"]["num_instances"])
+        return cls(pids, batch_size=config["train"]["batch_size"], num_instances=config["train"]["num_instances"],
+                   features=features)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], records: Sequence[Any], *,
+                    features: Mapping[str, torch.Tensor] | None = None) -> TrueLabels:
+        """The identities of `records` as labels."""
+        return cls.from_pids([r.pid for r in records], config, features=features)
 
     def assign(self, features: Mapping[str, torch.Tensor], *, epoch: int) -> np.ndarray:
         if len(self.labels) != len(next(iter(features.values()))):
@@ -189,3 +218,22 @@ class TrueLabels(LabelSource):
 
     def fingerprint(self) -> Any:
         return {"labels": "true", "sha256": hashlib.sha256(self.labels.tobytes()).hexdigest()}
+
+
+# Label sources by name: cluster.method picks the pseudo-label method of the teacher and the
+# student (and of the student's warm-up on the teacher's features); the supervised stages use
+# "true_identities". A new method is a module with a LabelSource subclass (with `from_config`)
+# and one line here.
+LABEL_SOURCES: dict[str, Any] = {
+    "multiview_dbscan": PseudoLabels,
+    "true_identities": TrueLabels,
+}
+
+
+def label_source(name: str, config: Mapping[str, Any], records: Sequence[Any], *,
+                 features: Mapping[str, torch.Tensor] | None = None) -> LabelSource:
+    """The registered source `name` for the train `records` (`features`: fixed features to label
+    instead of the model's current ones)."""
+    if name not in LABEL_SOURCES:
+        raise ValueError(f"unknown label source {name!r} (known: {', '.join(sorted(LABEL_SOURCES))})")
+    return LABEL_SOURCES[name].from_config(config, records, features=features)

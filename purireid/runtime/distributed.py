@@ -25,6 +25,8 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # A gloo group for host-side flags under NCCL (None: the default group already runs on the CPU).
+    cpu_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -59,12 +61,22 @@ class DistContext:
         dist.all_gather(gathered, padded)
         return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0)
 
+    def all_gather_equal(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0, in rank order, when all have the same
+        shape (a step's share of the batch): no size exchange, nothing read back to the host."""
+        if not self.distributed:
+            return tensor
+        out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
+
     def any_true(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank (so all ranks take the same branch)."""
+        """True on every rank when `flag` is true on any rank (so all ranks take the same branch).
+        Exchanged on the CPU (gloo), so checking it between steps never waits for the GPU."""
         if not self.distributed:
             return bool(flag)
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(t.item())
 
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -161,8 +173,9 @@ def _worker(rank: int, world_size: int, device_name: str, port: int, log_setup: 
         backend = "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     try:
-        fn(*args, ctx=DistContext(rank, world_size, device), **kwargs)
+        fn(*args, ctx=DistContext(rank, world_size, device, cpu_group), **kwargs)
     finally:
         dist.destroy_process_group()
 

@@ -11,13 +11,12 @@ from typing import Any
 
 from purireid.data import read_manifest
 from purireid.runtime.distributed import DistContext, launch
-from purireid.labels.sources import TrueLabels
+from purireid.labels.sources import label_source
 from purireid.training.loop import train
 
 
 def _worker(config: Mapping[str, Any], paths: dict[str, Path], role: str, *, ctx: DistContext) -> None:
-    pids = [r.pid for r in read_manifest(paths["manifest"])["train"]]
-    labels = TrueLabels.from_pids(pids, config)
+    labels = label_source("true_identities", config, read_manifest(paths["manifest"])["train"])
     labels.role = role
     train(config, **paths, ctx=ctx, label_source=labels)
 

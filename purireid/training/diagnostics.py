@@ -150,3 +150,17 @@ def schedule_advice(step_size: int, epochs: int, gamma: float, key: str) -> str 
     return (f"{key}={step_size} decays the learning rate {decays} times over {epochs} epochs (to "
             f"{gamma ** decays:.0e} x train.lr in the last): the last epochs barely train; set config key "
             f"'{key}' near two thirds of the epochs ({max(1, round(2 * epochs / 3))})")
+
+
+def replacement_advice(labels: np.ndarray, num_instances: int) -> str | None:
+    """A note when most classes have fewer images than a batch takes of each (train.num_instances):
+    the sampler then draws their images with replacement, repeating images within a batch."""
+    labels = np.asarray(labels)
+    sizes = np.bincount(labels[labels >= 0])
+    sizes = sizes[sizes > 0]
+    short = int((sizes < num_instances).sum())
+    if sizes.size == 0 or short <= sizes.size // 2:
+        return None
+    return (f"{short} of {sizes.size} classes have fewer than train.num_instances={num_instances} images (median "
+            f"{int(np.median(sizes))}): the sampler draws their images with replacement, so a batch repeats them; "
+            "lower config key 'train.num_instances' if that is not intended")

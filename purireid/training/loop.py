@@ -3,9 +3,11 @@
 
 Every epoch is two steps:
 1. labelling (`label_epoch`): eval-mode features of the train set (or the label source's
-   fixed features) -> one label per record from the `LabelSource` -> one cluster memory
-   per view, initialised with the class centres of those labels in those features;
-2. `train_one_epoch`: the optimiser steps over the batches the sampler draws from the labels.
+   fixed features) -> one label per record from the `LabelSource`; each loss term builds its
+   epoch's state from them (`LossTerm.start_epoch`: the cluster memories from the class centres);
+2. `train_one_epoch`: the optimiser steps over the batches the sampler draws from the labels,
+   on the sum of the run's loss terms (purireid.training.terms), which the loop knows only as
+   named parts. Nothing is read back from the device between steps.
 
 A run is a list of `EpochPlan`s. The teacher trains on pseudo labels of its own features in
 every epoch. The student starts with an epoch -1 on pseudo labels of the teacher's features
@@ -34,17 +36,17 @@ import numpy as np
 import torch
 
 from purireid import VIEWS
-from purireid.labels.cluster import cluster_centres
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.training.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
-                                  schedule_advice)
+from purireid.training.diagnostics import (crop_pad_advice, fine_tuning_advice, label_diagnostics, replacement_advice,
+                                           schedule_advice)
 from purireid.runtime.distributed import DistContext
 from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.evaluation.inference import autocast_context
 from purireid.io.files import sha256_file
-from purireid.labels.sources import LabelSource, PseudoLabels
+from purireid.labels.sources import LabelSource, label_source as make_label_source
 from purireid.log import Progress, get_logger
-from purireid.training.losses import CameraProxyMemory, ClusterMemory, camera_proxy_labels, distillation_loss, purification_loss
+from purireid.training.losses import view_weights
+from purireid.training.terms import Batch, EpochTargets, GatheredBatch, LossTerm, build_terms, weighted_view_sum
 from purireid.model.network import build_model
 from purireid.io.checkpoints import (
     clear_state,
@@ -63,9 +65,6 @@ from purireid.evaluation.summary import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARM
 from purireid.runtime.signals import GracefulTermination, TerminationRequested, exit_status
 
 log = get_logger("train")
-
-# Hard negatives of the camera-proxy term (train.camera_proxy): CAP's setting.
-CAMERA_PROXY_HARD_NEGATIVES = 50
 
 
 def seed_everything(seed: int) -> None:
@@ -99,14 +98,14 @@ class EpochPlan:
     memory_momentum: float  # 1.0 = frozen memories
 
 
-def epoch_plans(config: Mapping[str, Any], label_source: LabelSource,
-                teacher: TeacherGuidance | None = None, camids: np.ndarray | None = None) -> list[EpochPlan]:
-    """train.epochs epochs from `label_source`, after the student's warm-up when `teacher` is given
-    (`camids`: the train records' cameras, for cluster.camera_centre)."""
+def epoch_plans(config: Mapping[str, Any], label_source: LabelSource, teacher: TeacherGuidance | None = None,
+                records: Sequence[Record] = ()) -> list[EpochPlan]:
+    """train.epochs epochs from `label_source`, after the student's warm-up when `teacher` is given:
+    the pseudo-label method (cluster.method) on the teacher's features of the train `records`."""
     train = config["train"]
     plans: list[EpochPlan] = []
     if teacher is not None:
-        warmup = PseudoLabels(config, features=teacher.features, camids=camids)
+        warmup = make_label_source(config["cluster"]["method"], config, records, features=teacher.features)
         plans.append(EpochPlan(0, -1, warmup, train["iters"] * config["student"]["warmup_iters_factor"], 1.0))
     for epoch in range(train["epochs"]):
         plans.append(EpochPlan(len(plans), epoch, label_source, train["iters"], train["momentum"]))
@@ -123,26 +122,19 @@ def lr_step_size(config: Mapping[str, Any], *, student: bool) -> tuple[int, str]
     return int(config["train"]["step_size"]), "train.step_size"
 
 
-@dataclass
-class EpochTargets:
-    """What an epoch trains against: a label per train record (-1 = left out) and a memory per view."""
+@dataclass(frozen=True)
+class Labelling:
+    """An epoch's labels for the terms, and what the labelling cost."""
 
-    labels: np.ndarray
-    memories: dict[str, ClusterMemory]
-    num_classes: int
+    targets: EpochTargets
     extract_s: float
     label_s: float
-    # train.camera_proxy > 0: each record's (class, camera) proxy (-1 = left out) and a proxy memory per view
-    proxy_labels: np.ndarray | None = None
-    proxies: dict[str, CameraProxyMemory] | None = None
 
 
 def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[Record], config: Mapping[str, Any],
-                ctx: DistContext, *, epoch: int, memory_momentum: float,
-                cache_dir: Path | None = None) -> EpochTargets:
+                ctx: DistContext, *, epoch: int, memory_momentum: float, cache_dir: Path | None = None) -> Labelling:
     """The labelling step: features (the model's, or the source's fixed ones) -> labels (on rank 0,
-    broadcast) -> one ClusterMemory per view from the class centres (config train.temperature);
-    with train.camera_proxy > 0 also one CameraProxyMemory per view from the (class, camera) centres."""
+    broadcast) -> what the loss terms build their epoch's state from (`LossTerm.start_epoch`)."""
     tic = time.time()
     features = source.features
     if features is None:
@@ -153,96 +145,95 @@ def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[R
     labels = source.assign(features, epoch=epoch) if ctx.is_main else None
     labels = ctx.broadcast_object(labels)
     num_classes = source.check(labels, epoch=epoch)
-    temperature = config["train"]["temperature"]
-    memories = {v: ClusterMemory(cluster_centres(labels, features[v]).to(ctx.device),
-                                 temperature=temperature, momentum=memory_momentum)
-                for v in VIEWS}
-    proxy_labels = proxies = None
-    if config["train"]["camera_proxy"] > 0:
-        proxy_labels, proxy_classes, _ = camera_proxy_labels(labels, np.array([r.camid for r in records]))
-        proxies = {v: CameraProxyMemory(cluster_centres(proxy_labels, features[v]).to(ctx.device), proxy_classes,
-                                        temperature=temperature, momentum=memory_momentum,
-                                        hard_negatives=CAMERA_PROXY_HARD_NEGATIVES)
-                   for v in VIEWS}
-    return EpochTargets(labels, memories, num_classes, extract_s, time.time() - tic, proxy_labels, proxies)
+    camids = np.array([r.camid for r in records], dtype=np.int64)
+    targets = EpochTargets(labels, features, camids, num_classes, memory_momentum, ctx.device)
+    return Labelling(targets, extract_s, time.time() - tic)
 
 
-def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, memories: Mapping[str, ClusterMemory],
-                    labels: np.ndarray, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ctx: DistContext, *,
-                    lambda2: float, amp: bool = False, channels_last: bool = False,
-                    teacher_model: torch.nn.Module | None = None, mu: float = 0.0,
-                    term: GracefulTermination | None = None, epoch: int = 0, steps: int | None = None,
-                    proxies: Mapping[str, CameraProxyMemory] | None = None, proxy_labels: np.ndarray | None = None,
-                    camera_proxy: float = 0.0) -> dict[str, float]:
-    """One optimiser step per batch (images, indices into the train records): memory cross-entropy
-    of every view against `labels[indices]`, plus `mu` × the distillation towards `teacher_model`
-    when given (SPEC §4–§5); the memories are updated with the whole global batch after each step.
-    With `proxies`, each view's cross-entropy gets `camera_proxy` × the camera-proxy term
-    (train.camera_proxy; off in the paper), and the proxies are updated like the memories.
+@dataclass(frozen=True)
+class StepSettings:
+    """How the steps of an epoch run: the views' weights in the loss (SPEC §4), bf16 autocast and
+    channels_last on CUDA, and the epoch's number and length (messages and the progress bar)."""
 
-    Returns the mean per step of "loss" and "ce_<view>" (and "distill_<view>" with a teacher,
-    "camproxy_<view>" with proxies), averaged over the ranks. `steps` only sizes the progress bar.
+    view_weights: Mapping[str, float]
+    amp: bool = False
+    channels_last: bool = False
+    epoch: int = 0
+    steps: int | None = None
+
+
+class NonFiniteLoss:
+    """The first step whose loss was not finite, tracked on the device (no host read per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss so far finite
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss.detach().float(), self.value)
+
+    def raise_if_seen(self, epoch: int) -> None:
+        step, value = torch.stack([self.step.double(), self.value.double()]).tolist()
+        if step >= 0:
+            raise FloatingPointError(f"epoch {epoch}, step {int(step)}: the loss became {value}; lower train.lr")
+
+
+def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], terms: Sequence[LossTerm], ctx: DistContext,
+                    settings: StepSettings, stop: GracefulTermination | None = None) -> dict[str, float]:
+    """One optimiser step per batch (images, indices into the train records): the loss is the
+    view-weighted sum of the terms (`weighted_view_sum`); after each step every term updates its
+    state with the whole global batch.
+
+    Nothing is read back from the device inside the loop: the logged values are summed there and
+    read once at the end, where a non-finite loss raises FloatingPointError naming the epoch and
+    step. Returns the mean per step of "loss" and of every term's "<name>_<view>" (0 for a term
+    of weight 0), averaged over the ranks.
     """
     device = ctx.device
-    labels_t = torch.as_tensor(labels, dtype=torch.long, device=device)
-    proxy_t = None if proxies is None else torch.as_tensor(proxy_labels, dtype=torch.long, device=device)
     net.train()
-    keys = ["loss", *(f"ce_{v}" for v in VIEWS)]
-    if teacher_model is not None:
-        keys += [f"distill_{v}" for v in VIEWS]
-    if proxies is not None:
-        keys += [f"camproxy_{v}" for v in VIEWS]
-    sums = dict.fromkeys(keys, 0.0)
+    active = [t for t in terms if t.weight != 0]
+    keys = ["loss", *(key for t in terms for key in t.log_keys())]
+    slots = {key: i for i, key in enumerate(keys)}
+    # Where each step's logged values go (a term of weight 0 is not computed: its sums stay 0).
+    positions = torch.tensor([0] + [slots[key] for t in active for key in t.log_keys()], device=device)
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    non_finite = NonFiniteLoss(device)
     done = 0
-    bar = Progress(steps, f"epoch {epoch}", enabled=ctx.is_main)  # a bar on a terminal, else log lines
+    bar = Progress(settings.steps, f"epoch {settings.epoch}", enabled=ctx.is_main)  # a bar on a terminal, else log lines
     for images, indices in batches:
-        if term is not None:
-            term.check(ctx)  # every rank stops at the same step
+        if stop is not None:
+            stop.check(ctx)  # every rank stops at the same step
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda" and channels_last:
+        if device.type == "cuda" and settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = labels_t[indices.to(device)]
-        with autocast_context(device, amp):
+        batch = Batch(images, indices.to(device, non_blocking=True))
+        with autocast_context(device, settings.amp):
             out = net(images)
         out = {v: out[v].float() for v in VIEWS}
-        ce = {v: memories[v](out[v], targets) for v in VIEWS}
-        camproxy = None
-        if proxies is not None:
-            camproxy = {v: proxies[v](out[v], targets) for v in VIEWS}
-            ce_terms = {v: ce[v] + camera_proxy * camproxy[v] for v in VIEWS}
-        else:
-            ce_terms = ce
-        distill = None
-        if teacher_model is not None:
-            with torch.no_grad(), autocast_context(device, amp):
-                teacher_out = teacher_model(images)
-            distill = {v: distillation_loss(out[v], teacher_out[v].float()) for v in VIEWS}
-        loss = purification_loss(ce_terms, distill, lambda2=lambda2, mu=mu)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch}: the loss became {loss.item()}; lower train.lr")
+        values = [(t, t(out, batch)) for t in active]
+        loss = weighted_view_sum([(t.weight, v) for t, v in values], settings.view_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # The memories must see the whole global batch, in batch order, on every rank.
-        all_targets = ctx.all_gather_cat(targets)
-        all_proxy_targets = None if proxy_t is None else ctx.all_gather_cat(proxy_t[indices.to(device)])
-        for v in VIEWS:
-            all_out = ctx.all_gather_cat(out[v].detach())
-            memories[v].update(all_out, all_targets)
-            if proxies is not None:
-                proxies[v].update(all_out, all_proxy_targets)
-        sums["loss"] += loss.item()
-        for v in VIEWS:
-            sums[f"ce_{v}"] += ce[v].item()
-            if distill is not None:
-                sums[f"distill_{v}"] += distill[v].item()
-            if camproxy is not None:
-                sums[f"camproxy_{v}"] += camproxy[v].item()
+        # The terms' states must see the whole global batch, in batch order, on every rank.
+        gathered = GatheredBatch({v: ctx.all_gather_equal(out[v].detach()) for v in VIEWS},
+                                 ctx.all_gather_equal(batch.indices))
+        for t in terms:
+            t.after_step(gathered)
+        logged = [loss.detach(), *(value[v].detach() for _, value in values for v in VIEWS)]
+        sums.index_add_(0, positions, torch.stack(logged).double())
+        non_finite.observe(loss, done)
         done += 1
         bar.update(1)
     bar.close()
-    sums = ctx.all_reduce_mean(sums)  # each rank's losses are means over its share of the batch
-    return {k: v / max(done, 1) for k, v in sums.items()}
+    non_finite.raise_if_seen(settings.epoch)
+    for t in terms:
+        t.end_epoch()
+    sums = ctx.all_reduce_mean(dict(zip(keys, sums.tolist())))  # each rank's losses are means over its share
+    return {key: value / max(done, 1) for key, value in sums.items()}
 
 
 @dataclass
@@ -253,9 +244,9 @@ class TrainingRun:
     ctx: DistContext
     train_records: Sequence[Record]
     loader: TrainLoader
-    term: GracefulTermination
+    stop: GracefulTermination
+    terms: Sequence[LossTerm]
     cache_dir: Path | None = None
-    teacher: TeacherGuidance | None = None
 
     @property
     def train_pids(self) -> np.ndarray:
@@ -272,35 +263,26 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
     config, ctx, train = run.config, run.ctx, run.config["train"]
     # Every epoch reseeds, so a resumed run draws the same batches and augmentations.
     seed_everything(config["seed"] * 1000 + plan.index)
-    targets = label_epoch(model, plan.labels, run.train_records, config, ctx, epoch=plan.epoch,
-                          memory_momentum=plan.memory_momentum, cache_dir=run.cache_dir)
+    labelling = label_epoch(model, plan.labels, run.train_records, config, ctx, epoch=plan.epoch,
+                            memory_momentum=plan.memory_momentum, cache_dir=run.cache_dir)
+    targets = labelling.targets
+    for term in run.terms:
+        term.start_epoch(targets)
     batches = run.loader.epoch(plan.epoch, targets.labels, iters=plan.iters)
-    distill_from, mu = None, 0.0
-    if run.teacher is not None:
-        student = config["student"]
-        run.teacher.model.train(student["teacher_mode"] == "train")
-        if student["mu"] > 0:
-            distill_from, mu = run.teacher.model, student["mu"]
-
+    settings = StepSettings(view_weights(train["lambda2"]), amp=train["amp"], channels_last=train["channels_last"],
+                            epoch=plan.epoch, steps=plan.iters)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     tic = time.time()
-    losses = train_one_epoch(net, optimizer, targets.memories, targets.labels, batches, ctx, lambda2=train["lambda2"],
-                             amp=train["amp"], channels_last=train["channels_last"], teacher_model=distill_from, mu=mu,
-                             term=run.term, epoch=plan.epoch, steps=plan.iters, proxies=targets.proxies,
-                             proxy_labels=targets.proxy_labels, camera_proxy=train["camera_proxy"])
+    losses = train_one_epoch(net, optimizer, batches, run.terms, ctx, settings, run.stop)
     train_s = time.time() - tic
-    if run.teacher is not None:  # a student logs its distillation terms, 0 when student.mu is 0
-        for v in VIEWS:
-            losses.setdefault(f"distill_{v}", 0.0)
 
     # Diagnostics against the true identities: logged, never fed back into training.
     diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids)
-    if isinstance(plan.labels, PseudoLabels) and plan.index == 0 and ctx.is_main:
-        cluster = config["cluster"]
-        for advice in (k1_advice(cluster["k1"], cluster["eps"], diagnostics["mean_cluster_size"]),
-                       camera_advice(diagnostics["multi_camera_share"], len(np.unique(run.train_camids)),
-                                     cluster.get("camera_centre", False), cluster.get("same_camera_offset", 0.0))):
-            if advice:
-                log.warning("epoch %d: %s", plan.epoch, advice)
+    if plan.index == 0 and ctx.is_main:
+        notes = [*plan.labels.advice(diagnostics), replacement_advice(targets.labels, train["num_instances"])]
+        for advice in filter(None, notes):
+            log.warning("epoch %d: %s", plan.epoch, advice)
     record: dict[str, Any] = {
         "epoch": plan.epoch,
         "phase": PHASE_WARMUP if plan.epoch < 0 else PHASE_TRAIN,
@@ -309,11 +291,14 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
         **diagnostics,
         **{k: round(v, 6) for k, v in losses.items()},
         "lr": optimizer.param_groups[0]["lr"],
-        "seconds": round(targets.extract_s + targets.label_s + train_s, 2),
-        "extract_s": round(targets.extract_s, 2),
-        "cluster_s": round(targets.label_s, 2),
+        "seconds": round(labelling.extract_s + labelling.label_s + train_s, 2),
+        "extract_s": round(labelling.extract_s, 2),
+        "cluster_s": round(labelling.label_s, 2),
         "train_s": round(train_s, 2),
         "images_per_s": round(plan.iters * train["batch_size"] / max(train_s, 1e-9), 1),
+        # the epoch's peak GPU memory (labelling and steps) on this process; None on the CPU
+        "gpu_memory_peak_gb": (round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 2)
+                               if ctx.device.type == "cuda" else None),
         **dict.fromkeys(HEADLINE_KEYS),  # mAP, mINP, rank1/5/10: filled in by the caller in evaluated epochs
     }
     log.info("epoch %d: %d clusters, %d outliers, purity %s, NMI %s, multi-camera clusters %s, loss %.4f, "
@@ -321,6 +306,22 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
              *("n/a" if record[k] is None else f"{record[k]:.3f}" for k in ("purity", "nmi", "multi_camera_share")),
              record["loss"], record["lr"], record["seconds"], record["images_per_s"])
     return record
+
+
+def resume_fingerprint(config: Mapping[str, Any], role: str, plans: Sequence[EpochPlan],
+                       train_records: Sequence[Record], teacher: TeacherGuidance | None,
+                       source_weights: str | Path | None) -> str:
+    """What a saved state must match to be resumed: everything that changes the weights (not
+    train.eval_every, which only adds evaluations)."""
+    label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
+    parts: list[Any] = [role, config["dataset"], config["seed"], config["data"]["height"], config["data"]["width"],
+                        config["model"], config["train"] | {"eval_every": None}, config["evaluate"]["rerank"],
+                        label_sources, image_list_digest([r.path for r in train_records])]
+    if teacher is not None:
+        parts += [config["student"], teacher.checkpoint_sha256]
+    if source_weights is not None and config["model"]["pretrained"] == "source":
+        parts.append(sha256_file(source_weights))
+    return config_fingerprint(*parts)
 
 
 def train(
@@ -348,15 +349,14 @@ def train(
     model_cfg, train_cfg = config["model"], config["train"]
     splits = read_manifest(manifest)
     train_records = splits["train"]
-    camids = np.array([r.camid for r in train_records], dtype=np.int64)
-    label_source = label_source if label_source is not None else PseudoLabels(config, camids=camids)
+    if label_source is None:  # the teacher and the student: pseudo labels of the model's own features
+        label_source = make_label_source(config["cluster"]["method"], config, train_records)
     role = "student" if teacher is not None else label_source.role
     device = ctx.device
     cache_dir = cache_dir_for(manifest)
     rerank = config["evaluate"]["rerank"]
-    plans = epoch_plans(config, label_source, teacher, camids)
+    plans = epoch_plans(config, label_source, teacher, train_records)
 
-    label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
     pretrained = model_cfg["pretrained"]
     step_size, step_key = lr_step_size(config, student=teacher is not None)
     for advice in (fine_tuning_advice(pretrained, train_cfg["lr"]),
@@ -370,14 +370,7 @@ def train(
                              "(the pretrain_source rule's model.pth)")
         pretrained = str(source_weights)
         log.info("starting from the source-pretrained weights %s", source_weights)
-    fingerprint_parts: list[Any] = [role, config["dataset"], config["seed"], config["data"]["height"],
-                                    config["data"]["width"], model_cfg, train_cfg | {"eval_every": None}, rerank,
-                                    label_sources, image_list_digest([r.path for r in train_records])]
-    if teacher is not None:
-        fingerprint_parts += [config["student"], teacher.checkpoint_sha256]
-    if source_weights is not None and model_cfg["pretrained"] == "source":
-        fingerprint_parts.append(sha256_file(source_weights))
-    fingerprint = config_fingerprint(*fingerprint_parts)
+    fingerprint = resume_fingerprint(config, role, plans, train_records, teacher, source_weights)
 
     seed_everything(config["seed"])
     model = build_model(model_cfg["arch"], pretrained,
@@ -429,8 +422,9 @@ def train(
                          seed=config["seed"], rank=ctx.rank, world_size=ctx.world_size, use_cache=data["use_cache"],
                          cache_dir=cache_dir, device=device, crop_pad=train_cfg["crop_pad"])
     title = f"{role} ({config['dataset']})"
-    with GracefulTermination() as term:
-        run = TrainingRun(config, ctx, train_records, loader, term, cache_dir=cache_dir, teacher=teacher)
+    with GracefulTermination() as stop:
+        run = TrainingRun(config, ctx, train_records, loader, stop, build_terms(config, teacher=teacher),
+                          cache_dir=cache_dir)
         try:
             for plan in plans[start:]:
                 record = run_epoch(run, plan, net, model, optimizer)
@@ -455,9 +449,13 @@ def train(
                     plot_training_curve(curve_png, records, title)
                 ctx.barrier()
         except TerminationRequested as exc:
-            done = len(records) - 1
-            log.warning("%s: stopping %s; the state after %d completed epochs is kept in %s and a rerun resumes there",
-                        exc, role, done, state_dir)
+            done = len(records) - 1  # the untrained evaluation is no epoch
+            if done:
+                log.warning("%s: stopping %s; the state after %d completed epochs is kept in %s and a rerun "
+                            "resumes there", exc, role, done, state_dir)
+            else:
+                log.warning("%s: stopping %s before its first epoch completed; no state is kept, a rerun starts "
+                            "from the beginning", exc, role)
             raise SystemExit(exit_status(exc.signum)) from None
 
     if ctx.is_main:

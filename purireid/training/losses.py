@@ -25,8 +25,6 @@ class ClusterMemory(nn.Module):
     ``momentum == 1.0`` freezes the memory (the student's epoch -1).
     """
 
-    memory: Tensor
-
     def __init__(self, centres: Tensor, temperature: float = 0.05, momentum: float = 0.1) -> None:
         super().__init__()
         if centres.ndim != 2 or centres.shape[0] == 0:
@@ -37,42 +35,68 @@ class ClusterMemory(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.momentum = float(momentum)
-        self.register_buffer("memory", centres.detach().clone().float())
+        # The C centres plus one scratch row: a round of the update writes every position of
+        # the batch, those outside the round into the scratch row (no data-dependent indexing).
+        table = centres.detach().float()
+        self.register_buffer("table", torch.cat([table, table.new_zeros(1, table.shape[1])]))
+        # Occurrences a fixed number of rounds left out (counted on the device, read once per epoch).
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long, device=table.device))
+
+    @property
+    def memory(self) -> Tensor:
+        """The [C, D] centres (a view of the table without its scratch row)."""
+        return self.table[:-1]
 
     @property
     def num_clusters(self) -> int:
-        return int(self.memory.shape[0])
+        return int(self.table.shape[0]) - 1
 
     def logits(self, features: Tensor) -> Tensor:
         return features.float() @ self.memory.T / self.temperature
 
     def forward(self, features: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(self.logits(features), targets.to(self.memory.device).long())
+        return F.cross_entropy(self.logits(features), targets.to(self.table.device).long())
 
     @torch.no_grad()
-    def update(self, features: Tensor, targets: Tensor) -> None:
+    def update(self, features: Tensor, targets: Tensor, *, rounds: int | None = None) -> None:
+        """Sequential momentum update in batch order. `rounds`: the most images of one label the
+        batch can hold (train.num_instances for the sampler's batches): then the update reads no
+        value back from the device; occurrences beyond it are counted in `skipped` (see
+        `raise_if_rounds_overflowed`). None: worked out from `targets`, checking their range."""
         if self.momentum == 1.0:  # frozen: leave the memory bit-for-bit unchanged
             return
-        x = features.detach().to(device=self.memory.device, dtype=self.memory.dtype)
-        y = targets.detach().to(self.memory.device).long()
+        x = features.detach().to(device=self.table.device, dtype=self.table.dtype)
+        y = targets.detach().to(self.table.device).long()
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} features but {y.shape[0]} targets")
         if x.shape[0] == 0:
             return
-        if int(y.min()) < 0 or int(y.max()) >= self.num_clusters:
-            raise ValueError(f"targets must lie in [0, {self.num_clusters}), got {y.min()}..{y.max()}")
         # The sequential update only chains samples that share a label; different labels
         # touch different rows and commute. So process "rounds": round r updates, in one
         # batched step, the r-th occurrence (in batch order) of every label. Same
         # arithmetic per row as the sample-by-sample loop; rounds = max multiplicity
         # (16 for a 16 x 16 batch) instead of 256 steps.
         occurrence = _occurrence_rank(y)
+        if rounds is None:
+            if int(y.min()) < 0 or int(y.max()) >= self.num_clusters:
+                raise ValueError(f"targets must lie in [0, {self.num_clusters}), got {y.min()}..{y.max()}")
+            rounds = int(occurrence.max()) + 1
+        else:
+            self.skipped += (occurrence >= rounds).sum()
         mu = self.momentum
-        for r in range(int(occurrence.max()) + 1):
-            sel = (occurrence == r).nonzero(as_tuple=True)[0]
-            rows = y[sel]  # unique within a round
-            m = self.memory[rows] * mu + x[sel] * (1.0 - mu)
-            self.memory[rows] = m / m.norm(dim=1, keepdim=True)
+        scratch = torch.full_like(y, self.num_clusters)
+        for r in range(rounds):
+            m = self.table[y] * mu + x * (1.0 - mu)
+            rows = torch.where(occurrence == r, y, scratch)  # labels are unique within a round
+            self.table.index_copy_(0, rows, m / m.norm(dim=1, keepdim=True))
+
+    def raise_if_rounds_overflowed(self, key: str) -> None:
+        """After an epoch of `update(rounds=...)`: raise if a batch held more images of one label
+        than the rounds (`key`: the config key that set them)."""
+        skipped = int(self.skipped)
+        if skipped:
+            raise RuntimeError(f"{skipped} memory updates were skipped: a batch held more images of one "
+                               f"pseudo-identity than {key}")
 
 
 def camera_proxy_labels(labels: np.ndarray, camids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,8 +153,8 @@ class CameraProxyMemory(nn.Module):
         return (log_norm - mean_positive).mean()
 
     @torch.no_grad()
-    def update(self, features: Tensor, proxy_targets: Tensor) -> None:
-        self.proxies.update(features, proxy_targets)
+    def update(self, features: Tensor, proxy_targets: Tensor, *, rounds: int | None = None) -> None:
+        self.proxies.update(features, proxy_targets, rounds=rounds)
 
 
 def _occurrence_rank(y: Tensor) -> Tensor:
