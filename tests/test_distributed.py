@@ -257,3 +257,25 @@ def test_dist_context_collectives_under_gloo(tmp_path, monkeypatch):
         assert got["mean"] == {"x": 0.5}
         assert got["buffer"] == [1.0, 1.0]
         assert got["shards"] == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def _count_step_reads(out: str, *, ctx: DistContext) -> None:
+    """Run in each of 2 gloo processes: host reads made by purireid's code during 2 and 5 steps."""
+    import test_training_step as steps
+
+    torch.set_num_threads(1)
+    counts = {}
+    for n in (2, 5):
+        with pytest.MonkeyPatch.context() as patch:
+            counts[n] = steps.count_syncs(patch, steps.make_epoch(n, ctx=ctx))
+    Path(out, f"rank{ctx.rank}.json").write_text(json.dumps(counts))
+
+
+def test_a_ddp_step_reads_back_only_the_stop_flag(tmp_path, monkeypatch):
+    """Under DDP the only per-step host read is the stop flag, exchanged on the CPU (gloo) so that
+    it never waits for the GPU; the all-gathers of the memory update stay on the device."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch(_count_step_reads, str(tmp_path), world_size=2, device="cpu")
+    for rank in range(2):
+        counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert counts["5"] - counts["2"] == 3, counts  # one flag exchange per step

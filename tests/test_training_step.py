@@ -15,6 +15,7 @@ import purireid
 from purireid import VIEWS
 from purireid.model.network import build_model
 from purireid.runtime.distributed import DistContext
+from purireid.runtime.signals import GracefulTermination
 from purireid.training.loop import StepSettings, train_one_epoch
 from purireid.training.losses import view_weights
 from purireid.training.terms import EpochTargets, build_terms
@@ -28,9 +29,11 @@ CONFIG = {"train": {"temperature": 0.05, "num_instances": 4, "camera_proxy": 0.5
           "student": {"mu": 1.0, "teacher_mode": "train"}}
 
 
-def _epoch(steps: int, seed: int = 0, poison_step: int | None = None):
-    """An epoch to run: `steps` steps of a ResNet-18 student (64x32, batch 8 = 2 classes x 4) with
-    the memory, camera-proxy and distillation terms; images of `poison_step` are NaN."""
+def make_epoch(steps: int, seed: int = 0, poison_step: int | None = None, ctx: DistContext | None = None):
+    """An epoch to run: `steps` steps of a ResNet-18 student (64x32, global batch 8 = 2 classes x 4,
+    each rank of `ctx` taking its share) with the memory, camera-proxy and distillation terms;
+    images of `poison_step` are NaN."""
+    ctx = ctx or DistContext()
     torch.manual_seed(seed)
     model, teacher = build_model("resnet18", "none"), build_model("resnet18", "none")
     n = 16
@@ -46,12 +49,14 @@ def _epoch(steps: int, seed: int = 0, poison_step: int | None = None):
         images = torch.randn(8, 3, 64, 32)
         if step == poison_step:
             images[:] = float("nan")
-        batches.append((images, torch.from_numpy(np.r_[np.arange(4), np.arange(8, 12)])))
+        share = slice(ctx.rank * 8 // ctx.world_size, (ctx.rank + 1) * 8 // ctx.world_size)
+        batches.append((images[share], torch.from_numpy(np.r_[np.arange(4), np.arange(8, 12)])[share]))
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4)
-    return lambda: train_one_epoch(model, optimizer, batches, terms, DistContext(), StepSettings(view_weights(0.2)))
+    return lambda: train_one_epoch(model, optimizer, batches, terms, ctx, StepSettings(view_weights(0.2)),
+                                   GracefulTermination())
 
 
-def _count_syncs(monkeypatch, run) -> int:
+def count_syncs(monkeypatch, run) -> int:
     calls = []
 
     def counting(original, name):
@@ -70,8 +75,8 @@ def _count_syncs(monkeypatch, run) -> int:
 
 
 def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
-    few = _count_syncs(monkeypatch, _epoch(2))
-    many = _count_syncs(monkeypatch, _epoch(5))
+    few = count_syncs(monkeypatch, make_epoch(2))
+    many = count_syncs(monkeypatch, make_epoch(5))
     # Only after the last step: the logged sums, the non-finite check and, per memory, its
     # overflow counter (3 cluster memories + 3 proxy memories).
     assert few == many, f"{many - few} host reads in 3 more steps"
@@ -79,7 +84,7 @@ def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
 
 
 def test_logged_terms_are_the_means_of_the_steps():
-    losses = _epoch(3)()
+    losses = make_epoch(3)()
     assert set(losses) == {"loss", *(f"{name}_{v}" for name in ("ce", "camproxy", "distill") for v in VIEWS)}
     weights = view_weights(0.2)
     # the loss is linear in the terms, so the means obey the same formula
@@ -90,4 +95,4 @@ def test_logged_terms_are_the_means_of_the_steps():
 
 def test_a_non_finite_loss_stops_the_epoch_naming_the_step():
     with pytest.raises(FloatingPointError, match=r"epoch 0, step 2: the loss became nan; lower train.lr"):
-        _epoch(4, poison_step=2)()
+        make_epoch(4, poison_step=2)()
