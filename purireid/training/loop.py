@@ -109,7 +109,7 @@ def epoch_plans(config: Mapping[str, Any], label_source: LabelSource,
         warmup = PseudoLabels(config, features=teacher.features, camids=camids)
         plans.append(EpochPlan(0, -1, warmup, train["iters"] * config["student"]["warmup_iters_factor"], 1.0))
     for epoch in range(train["epochs"]):
-        plans.append(EpochPlan(len(plans), epoch, label_source, train["iters"], train["momentum"]))
+        plans.append(EpochPlan(len(plans), epoch, label_source, train["iters"], train["memory_momentum"]))
     return plans
 
 
