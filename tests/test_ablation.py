@@ -1,6 +1,6 @@
 """The ablation and sweeps (issue 12): variants as config overlays sharing what they do not change,
-their dry runs on the embedded default and the presets, and a tiny real run whose table rows
-are the variants' own eval.json."""
+the recipe parts' rows derived from the recipe registry, their dry runs on the embedded default
+and the presets, and a tiny real run whose table rows are the variants' own eval.json."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import pytest
 import yaml
 
 from purireid.evaluation.ablation import to_csv, to_markdown, variant_row
+from purireid.config.recipes import PARTS, RECIPES, expand
 from purireid.config.resolve import ConfigError, deep_merge, load_config
-from purireid.config.variants import BASE_RUN, BUILTIN_VARIANTS, Runs, all_variants, describe_changes, run_configs
+from purireid.config.schema import flatten, schema_default
+from purireid.config.variants import (
+    BASE_RUN, BUILTIN_VARIANTS, Runs, ablation_variants, all_variants, describe_changes, run_configs,
+)
 from conftest import copy_of_tiny_dag
 from test_workflow import PRESETS, REPO, TINY, planned_jobs, snakemake, write_yaml
 
@@ -51,6 +55,12 @@ def test_variants_share_exactly_the_stages_they_do_not_change():
     # Source pretraining is the same job whoever asks for it.
     assert runs.owner("source", "pretrain_source") == BASE_RUN
     assert runs.owner("source", "train_teacher") == "source"
+    # A recipe part's row: the student's own decay changes the student only; a camera part the
+    # teacher. The recipe list a run states is provenance, not a reason to train again.
+    assert runs.owner("without_student_step_decay", "train_teacher") == BASE_RUN
+    assert runs.owner("without_student_step_decay", "train_student") == "without_student_step_decay"
+    assert runs.owner("without_camera_centre", "prepare_dataset") == BASE_RUN
+    assert runs.owner("without_camera_centre", "train_teacher") == "without_camera_centre"
 
 
 def test_jobs_of_the_ablation():
@@ -58,9 +68,11 @@ def test_jobs_of_the_ablation():
     wanted = [(v.name, f"evaluate_{v.model}") for v in all_variants(runs[BASE_RUN])
               if "~" not in v.name]
     jobs = {stage: len(owners) for stage, owners in runs.jobs_by_stage(wanted).items()}
+    # the configured run, baseline, multiview_labels, source and five camera / crop parts train a
+    # teacher; the configured run, source and the student's decay a student
     assert jobs == {"prepare_dataset": 1, "prepare_source": 1, "pretrain_source": 1, "train_supervised": 1,
-                    "train_teacher": 5, "extract_teacher_features": 3, "train_student": 3,
-                    "evaluate_teacher": 3, "evaluate_student": 3, "evaluate_supervised": 1}
+                    "train_teacher": 9, "extract_teacher_features": 2, "train_student": 3,
+                    "evaluate_teacher": 8, "evaluate_student": 3, "evaluate_supervised": 1}
 
 
 def test_variant_overlays_are_the_papers_rows():
@@ -69,16 +81,55 @@ def test_variant_overlays_are_the_papers_rows():
     runs = runs_of()
     assert runs["baseline"]["cluster"]["lambda1"] == 0.0 and runs["baseline"]["train"]["lambda2"] == 0.0
     assert runs["multiview_labels"]["cluster"]["lambda1"] == runs[BASE_RUN]["cluster"]["lambda1"] > 0
-    # config.yaml's recipe has the camera-robust options on; its paper_recipe row turns them off.
-    assert runs[BASE_RUN]["cluster"]["camera_centre"] is True
-    assert runs[BASE_RUN]["cluster"]["same_camera_offset"] == 0.3
-    paper = runs["paper_recipe"]
+
+
+def test_recipe_part_rows_come_from_the_registry():
+    """without_each_part: one row per ablatable part of the configured recipe, in recipe order, each
+    the configured run with that part's keys back at the schema's defaults (the paper), and the
+    recipe list without it; a teacher-side part's row scores the teacher."""
+    config = load_config(DEFAULT)
+    rows = {v.name: v for v in ablation_variants(config)}
+    ablatable = [p for r in config["recipe"] for p in RECIPES[r].parts if PARTS[p].ablate]
+    assert [n for n in rows if n.startswith("without_")] == [f"without_{p}" for p in ablatable]
+    assert ablatable == ["scaled_crop_border", "student_step_decay", "per_image_input", "camera_centre",
+                         "same_camera_offset", "memory_momentum"]
+    for part in ablatable:
+        row = rows[f"without_{part}"]
+        assert flatten({k: v for k, v in row.overlay.items() if k != "recipe"}) == \
+            {key: schema_default(key) for key in flatten(PARTS[part].overlay)}, part
+        assert expand(row.overlay["recipe"]) == [p for p in expand(config["recipe"]) if p != part], part
+        assert row.model == ("student" if part == "student_step_decay" else "teacher"), part
+    assert rows["without_camera_centre"].overlay["recipe"] == ["cpu_demo", "per_image_input", "same_camera_offset",
+                                                               "memory_momentum"]
+    runs = runs_of()
+    assert (runs["without_scaled_crop_border"]["train"]["crop_pad"], runs[BASE_RUN]["train"]["crop_pad"]) == (10, 2)
+    assert runs["without_student_step_decay"]["student"]["step_size"] is None
+    # A whole recipe: its parts together (the paper's camera handling on the CPU demo).
+    paper = runs_of({"ablation": {"variants": ["without_camera_robust"]}})["without_camera_robust"]
     assert (paper["model"]["input_norm"], paper["cluster"]["camera_centre"], paper["cluster"]["same_camera_offset"],
-            paper["train"]["momentum"]) == ("imagenet", False, 0.0, 0.1)
-    assert BUILTIN_VARIANTS["camera_centre"].overlay == {"cluster": {"camera_centre": True}}
-    # the crop border is scaled to config.yaml's 64x32 input; paper_crop keeps the paper's 10 px
-    crop = runs_of({"ablation": {"variants": ["paper_crop"]}})
-    assert runs[BASE_RUN]["train"]["crop_pad"] == 2 and crop["paper_crop"]["train"]["crop_pad"] == 10
+            paper["train"]["memory_momentum"], paper["recipe"]) == ("imagenet", False, 0.0, 0.1, ["cpu_demo"])
+    # On the paper (a preset) there is nothing to remove; with_<part> adds one.
+    preset = load_config(DEFAULT, PRESETS[0], overrides={"ablation": {"variants": ["without_each_part",
+                                                                                 "with_camera_centre"]}})
+    added = ablation_variants(preset)
+    assert [v.name for v in added] == ["with_camera_centre"]
+    assert describe_changes(added[0].overlay) == "cluster.camera_centre=True" and added[0].model == "teacher"
+    assert added[0].overlay["recipe"] == ["camera_centre"]
+
+
+def test_a_row_follows_the_configs_own_keys():
+    """A key the config sets itself wins over the recipes: removing the part leaves it, as
+    resolving the config without the part would; a defined row's recipe list is a row too."""
+    config = load_config(DEFAULT, overrides={"cluster": {"same_camera_offset": 0.2}})
+    rows = {v.name: v for v in ablation_variants(config)}
+    assert describe_changes(rows["without_same_camera_offset"].overlay) == "nothing"
+    defined = load_config(DEFAULT, overrides={"ablation": {
+        "variants": ["with_camera_proxy", "proxy_k1"],
+        "define": {"proxy_k1": {"config": {"recipe": ["cpu_demo", "camera_robust", "camera_proxy"],
+                                           "cluster": {"k1": 10}}}}}})
+    rows = {v.name: v for v in ablation_variants(defined)}
+    assert rows["proxy_k1"].overlay == deep_merge(rows["with_camera_proxy"].overlay, {"cluster": {"k1": 10}})
+    assert describe_changes(rows["proxy_k1"].overlay) == "train.camera_proxy=0.5, cluster.k1=10"
 
 
 @pytest.mark.parametrize(
@@ -93,6 +144,16 @@ def test_variant_overlays_are_the_papers_rows():
         ({"sweeps": {"bad": {"key": "cluster.kk", "values": [1]}}}, "'sweeps.bad.key'"),
         ({"sweeps": {"bad": {"key": "device", "values": ["cpu"]}}}, "'sweeps.bad.key'"),
         ({"ablation": {"define": {"default": {"config": {}}}, "variants": ["default"]}}, "'default'"),
+        ({"ablation": {"variants": ["with_camera_centre"]}},
+         "already holds camera_centre: write without_camera_centre"),
+        ({"ablation": {"variants": ["without_camera_proxy"]}}, "does not hold camera_proxy: write with_camera_proxy"),
+        ({"ablation": {"variants": ["without_cpu_demo"]}}, "cpu_scale, from_scratch, demo_sweeps set the run's sizes"),
+        ({"ablation": {"variants": ["with_gpu_scale"]}}, "names 'with_gpu_scale', which is no row"),
+        ({"ablation": {"define": {"x": {"config": {"recipe": ["camera_robust"]}}}, "variants": ["x"]}},
+         "part cpu_scale, which sets 'data.workers', a key every run of an ablation shares"),
+        ({"ablation": {"define": {"x": {"config": {"recipe": ["nonesuch"]}}}, "variants": ["x"]}},
+         "config key 'ablation.define.x.config.recipe' names 'nonesuch'"),
+        ({"sweeps": {"m": {"key": "train.momentum", "values": [0.5]}}}, "now 'train.memory_momentum'"),
     ],
 )
 def test_bad_variants_are_refused_by_name(override, named):
@@ -120,16 +181,20 @@ def test_rows_from_eval_and_logs():
 
 
 def test_dry_run_ablation_default_and_presets(tmp_path):
-    expected = {"prepare_dataset": 1, "prepare_source": 1, "pretrain_source": 1, "train_supervised": 1,
-                "train_teacher": 5, "extract_teacher_features": 3, "train_student": 3, "evaluate": 7, "ablation": 1}
+    shared = {"prepare_dataset": 1, "prepare_source": 1, "pretrain_source": 1, "train_supervised": 1, "ablation": 1}
+    # the embedded default: the paper's rows, six recipe parts (five of them teacher-side), source
+    demo = shared | {"train_teacher": 9, "extract_teacher_features": 2, "train_student": 3, "evaluate": 12}
+    # a preset is the paper: no recipe part to remove
+    paper = shared | {"train_teacher": 4, "extract_teacher_features": 2, "train_student": 2, "evaluate": 6}
     for configfile in (None, *PRESETS):
         args = ["-n", "ablation"] + (["--configfile", str(configfile)] if configfile else [])
         out = snakemake(tmp_path, *args).stdout
+        expected = paper if configfile else demo
         assert planned_jobs(out) == expected, (configfile, planned_jobs(out))
         dataset = load_config(DEFAULT, *([configfile] if configfile else []))["dataset"]
         teachers = re.findall(r"rule train_teacher:.*?wildcards: run=(\S+)", out, flags=re.S)
-        # The configured teacher once, in the configured run's folder, shared by three rows.
-        assert teachers.count(f"results/{dataset}") == 1 and len(set(teachers)) == 5, teachers
+        # The configured teacher once, in the configured run's folder, shared by several rows.
+        assert teachers.count(f"results/{dataset}") == 1 and len(set(teachers)) == expected["train_teacher"], teachers
 
 
 def test_dry_run_sweeps_share_the_teacher(tmp_path):

@@ -58,7 +58,9 @@ def test_camera_advice_flags_clusters_confined_to_one_camera():
     assert camera_advice(None, 6, False, 0.0) is None  # no clusters
     advice = camera_advice(0.1, 3, False, 0.0)
     assert "10 %" in advice and "cluster.camera_centre" in advice and "cluster.same_camera_offset" in advice
+    assert "recipe camera_robust to config key 'recipe'" in advice  # the camera options come as one recipe
     assert "camera_centre" not in camera_advice(0.2, 3, True, 0.3)
+    assert "'cluster.camera_centre' to true" in camera_advice(0.2, 3, False, 0.3)
 
 
 def test_fine_tuning_advice_flags_a_from_scratch_rate_on_pretrained_weights():
@@ -160,16 +162,17 @@ def test_camera_centring_needs_camera_ids():
 
 
 def test_paper_presets_keep_the_faithful_options():
-    """A preset as users run it (merged over config.yaml, whose CPU default turns the
-    camera-robust options on) is the paper's recipe."""
+    """A preset as users run it (merged over config.yaml, whose recipes turn the camera-robust
+    options on) is the paper's recipe: its `recipe: []` drops config.yaml's."""
     for preset in ("market1501", "msmt17"):
         path = REPO / "config" / "presets" / f"{preset}.yaml"
         for config in (resolve_config(yaml.safe_load(path.read_text())), load_config(REPO / "config.yaml", path)):
             assert config["cluster"]["camera_centre"] is False
             assert config["cluster"]["same_camera_offset"] == 0.0
             assert config["model"]["input_norm"] == "imagenet"
-            assert config["train"]["momentum"] == 0.1
+            assert config["train"]["memory_momentum"] == 0.1
             assert config["model"]["pretrained"] == "imagenet"
+            assert config["recipe"] == [] and config["model"]["bn_groups"] == 4
             assert config["supervised_reference"] is False
             assert config["train"]["camera_proxy"] == 0.0
             assert config["train"]["crop_pad"] == 10  # the paper's border at 256x128

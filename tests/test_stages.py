@@ -157,7 +157,7 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
     guidance = TeacherGuidance(teacher_model, read_teacher_features(teacher["features"])["features"], "x")
     camids = np.array([r.camid for r in train_records], dtype=np.int64)
     plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
-                     memory_momentum=config["train"]["momentum"])
+                     memory_momentum=config["train"]["memory_momentum"])
     results = []
     for guide in (None, guidance):
         torch.manual_seed(0)
@@ -188,7 +188,7 @@ def test_camera_proxy_term_joins_the_loss(dataset):
                              batch_size=config["train"]["batch_size"], num_instances=config["train"]["num_instances"],
                              iters=2, seed=1, use_cache=True, cache_dir=dataset["manifest"].parent / "cache")
         plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
-                         memory_momentum=config["train"]["momentum"])
+                         memory_momentum=config["train"]["memory_momentum"])
         torch.manual_seed(0)
         from purireid.model.network import build_model
         model = build_model("resnet18", "none", input_norm=config["model"]["input_norm"])

@@ -102,18 +102,23 @@ def test_dry_run_presets_without_data(tmp_path, preset):
 
 
 def test_presets_hold_the_paper_settings():
-    market = yaml.safe_load((REPO / "config/presets/market1501.yaml").read_text())
-    msmt = yaml.safe_load((REPO / "config/presets/msmt17.yaml").read_text())
-    for preset, eps, iters in ((market, 0.6, 200), (msmt, 0.7, 400)):
-        assert preset["cluster"]["eps"] == eps and preset["train"]["iters"] == iters
-        assert preset["model"] == {"arch": "resnet50", "pretrained": "imagenet", "bn_groups": 4,
+    """A preset merged over config.yaml, as the commands above run it, is the paper (SPEC §6) on its
+    dataset: its `recipe: []` drops config.yaml's CPU sizes and camera options."""
+    from purireid.config.resolve import load_config
+
+    for name, eps, iters in (("market1501", 0.6, 200), ("msmt17", 0.7, 400)):
+        preset = yaml.safe_load((REPO / f"config/presets/{name}.yaml").read_text())
+        assert preset["recipe"] == [] and preset["dataset"] == name
+        config = load_config(REPO / "config.yaml", REPO / f"config/presets/{name}.yaml")
+        assert config["cluster"]["eps"] == eps and config["train"]["iters"] == iters
+        assert config["model"] == {"arch": "resnet50", "pretrained": "imagenet", "bn_groups": 4,
                                    "input_norm": "imagenet"}
-        assert preset["train"]["epochs"] == 50 and preset["train"]["batch_size"] == 256
-        assert preset["train"]["num_instances"] == 16
-        assert (preset["data"]["height"], preset["data"]["width"]) == (256, 128)
+        assert config["train"]["epochs"] == 50 and config["train"]["batch_size"] == 256
+        assert config["train"]["num_instances"] == 16
+        assert (config["data"]["height"], config["data"]["width"]) == (256, 128)
         # Not the CPU default's: ImageNet for a source model, the paper's parameters swept around its values.
-        assert preset["source"]["pretrained"] == "imagenet"
-        sweeps = preset["sweeps"]
+        assert config["source"]["pretrained"] == "imagenet"
+        sweeps = config["sweeps"]
         assert {s["key"] for s in sweeps.values()} == {"cluster.lambda1", "train.lambda2", "student.mu", "cluster.eps",
                                                        "cluster.k1"}
         assert eps in sweeps["eps"]["values"] and 0.15 in sweeps["lambda1"]["values"] and 30 in sweeps["k1"]["values"]

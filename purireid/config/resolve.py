@@ -1,19 +1,17 @@
-"""Configuration: validation against the JSON schema, defaults, merging, and which keys each stage reads.
+"""Configuration: one check of a run, filling in the defaults and the chosen recipes.
 
 `resolve_config` is the one check of a run: the workflow calls it once, before any job, and
-refuses every value a job would reject, naming the key. `STAGE_KEYS` says which keys can
-change each stage's outputs: the workflow hands a job exactly those (its rule's `params:`,
-Snakemake's rerun trigger) plus the execution-only keys of `EXECUTION_KEYS`.
+refuses every value a job would reject, naming the key. The schema's defaults are the paper's
+settings; the top-level key `recipe` names recipes or parts (purireid.config.recipes) applied
+over them and under the keys the config sets itself. Which keys each stage's job is given is
+purireid.config.dag; the names it exports are re-exported here, the config's one front door.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import re
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +19,19 @@ import jsonschema
 import numpy as np
 import yaml
 
-SCHEMA_RESOURCE = "config/schemas/config.schema.yaml"
+from purireid.config.dag import (  # noqa: F401 - the config API, re-exported
+    ALL_EXECUTION_KEYS, EXECUTION_KEYS, SOURCE_STAGES, STAGE_KEYS, execution_settings, source_config, stage_config,
+    stage_params, without_execution_keys,
+)
+from purireid.config.recipes import recipe_names, recipe_overlay
+from purireid.config.schema import (  # noqa: F401 - the config API, re-exported
+    MISSING, ConfigError, deep_merge, dotted_get, load_schema, schema_default, schema_defaults,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, mistyped or out of range."""
-
-
-@functools.lru_cache(maxsize=1)
-def _parsed_schema() -> dict:
-    # Parsed once per process: a workflow resolves one config per variant.
-    return yaml.safe_load(resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text())
-
-
-def load_schema() -> dict:
-    """The config schema (a fresh copy: callers may fill it in)."""
-    return copy.deepcopy(_parsed_schema())
+# Keys that were renamed: old -> (new, why). The old name is refused, naming the new one.
+RENAMED_KEYS = {
+    "train.momentum": ("train.memory_momentum", "the cluster memories' update momentum; the optimiser is Adam"),
+}
 
 
 def _validator_class():
@@ -56,23 +51,6 @@ def _validator_class():
     type_checker = base.TYPE_CHECKER.redefine(
         "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
     return jsonschema.validators.extend(base, {"properties": set_defaults}, type_checker=type_checker)
-
-
-def schema_defaults(section: str) -> dict:
-    """The schema's default of every key of `section` (e.g. the synthetic generator's parameters)."""
-    properties = load_schema()["properties"][section]["properties"]
-    return {name: copy.deepcopy(spec["default"]) for name, spec in properties.items() if "default" in spec}
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
-    """Merge `override` into a copy of `base`, recursing into nested mappings."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
@@ -119,23 +97,6 @@ def _check_cross_keys(resolved: Mapping[str, Any]) -> None:
         )
 
 
-SOURCE_SYNTHETIC_SEED = 1000
-
-
-def source_config(config: Mapping[str, Any]) -> dict:
-    """The config of the source stages (prepare_source, pretrain_source) of a resolved config: the
-    top level with the source section's dataset, data_root and initial weights, its prepare and
-    train merged over the top-level ones, and its synthetic merged over the generator's defaults."""
-    source = config["source"]
-    derived = deep_merge(config, {"dataset": source["dataset"], "data_root": source["data_root"],
-                                  "prepare": source["prepare"], "train": source["train"],
-                                  "model": {"pretrained": source["pretrained"]}})
-    # A synthetic source gets its own seed (other identities and cameras than the target's).
-    derived["synthetic"] = deep_merge(schema_defaults("synthetic") | {"seed": SOURCE_SYNTHETIC_SEED},
-                                      source["synthetic"])
-    return derived
-
-
 def _check_source(resolved: Mapping[str, Any]) -> None:
     """The source stages' config is valid too (checked only when the source is used)."""
     if resolved["source"]["pretrained"] == "source":
@@ -153,12 +114,30 @@ def _check_source(resolved: Mapping[str, Any]) -> None:
         raise ConfigError(f"source pretraining (model.pretrained: source): {message}") from None
 
 
+def _refuse_renamed(config: Mapping[str, Any]) -> None:
+    for old, (new, why) in RENAMED_KEYS.items():
+        for prefix in ("", "source."):  # source.train merges over train
+            if dotted_get(config, prefix + old) is not MISSING:
+                raise ConfigError(f"config key '{prefix}{old}' is now '{prefix}{new}' ({why}): rename it")
+
+
+def apply_recipes(config: Mapping[str, Any]) -> dict:
+    """`config` merged over the settings of its recipe list, which merge over the schema's sweeps:
+    the config's own keys win. The recipe list is checked (ConfigError naming the key)."""
+    names = recipe_names(config.get("recipe", schema_default("recipe")))
+    # The schema's sweeps are a layer too, so a config naming one sweep keeps the others.
+    layers = deep_merge({"sweeps": schema_default("sweeps")}, recipe_overlay(names))
+    return deep_merge(layers, config) | {"recipe": names}
+
+
 def resolve_config(config: Mapping[str, Any] | None = None) -> dict:
-    """Validate `config` and return a new dict with every default filled in.
+    """Validate `config` and return a new dict with its recipes applied and every default filled in.
 
     Raises ConfigError naming the offending key (e.g. ``train.batch_size``) and the fix.
+    Resolving a resolved config returns it unchanged (every key is then the config's own).
     """
-    resolved = copy.deepcopy(dict(config or {}))
+    _refuse_renamed(config or {})
+    resolved = apply_recipes(config or {})
     validator = _validator_class()(load_schema())
     errors = sorted(validator.iter_errors(resolved), key=lambda e: list(e.absolute_path))
     if errors:
@@ -184,84 +163,3 @@ def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
         with open(path) as handle:
             merged = deep_merge(merged, yaml.safe_load(handle) or {})
     return resolve_config(deep_merge(merged, overrides or {}))
-
-
-# --------------------------------------------------------------------------- what each stage reads
-
-# Keys (a section, or section.key) whose value can change a stage's outputs. A stage's job is
-# given these and nothing else (plus its EXECUTION_KEYS), so a key missing here fails the job
-# (KeyError) instead of changing an output behind Snakemake's back. The synthetic section
-# joins prepare_dataset's keys when dataset is synthetic (see `stage_params`).
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "prepare_dataset": ("dataset", "data_root", "prepare"),
-    # evaluate.rerank: the test mAP logged every train.eval_every epochs, which with
-    # train.keep_best also picks the weights that become model.pth.
-    "train_teacher": ("dataset", "data_root", "seed", "data", "model", "cluster", "train", "evaluate.rerank"),
-    "extract_teacher_features": ("data_root", "data", "train.amp", "train.channels_last"),
-    "train_student": ("dataset", "data_root", "seed", "data", "model", "cluster", "train", "student",
-                      "evaluate.rerank"),
-    "evaluate": ("dataset", "data_root", "data", "train.amp", "train.channels_last", "evaluate"),
-    # export.enabled only decides whether the exported file is a target, not what it holds.
-    "export_student": ("export.format", "export.views", "export.opset", "export.tolerance"),
-    # The supervised reference: the teacher's recipe with the true train labels (no clustering).
-    "train_supervised": ("dataset", "data_root", "seed", "data", "model", "train", "evaluate.rerank"),
-}
-
-# Rules that run a stage on the source dataset's config (`source_config`): rule -> stage.
-SOURCE_STAGES = {"prepare_source": "prepare_dataset", "pretrain_source": "train_supervised"}
-
-# Keys that change how a job runs (processes, threads, batch of a no-grad pass, device) but not
-# what it computes: never a rerun trigger. prepare.workers reaches the job as its thread count.
-ALL_EXECUTION_KEYS = ("device", "train.gpus", "data.workers", "data.test_batch_size", "prepare.workers")
-EXECUTION_KEYS: dict[str, tuple[str, ...]] = {
-    "prepare_dataset": (),
-    "train_teacher": ("device", "train.gpus", "data.workers", "data.test_batch_size"),
-    "extract_teacher_features": ("device", "train.gpus", "data.workers", "data.test_batch_size"),
-    "train_student": ("device", "train.gpus", "data.workers", "data.test_batch_size"),
-    "evaluate": ("device", "data.workers", "data.test_batch_size"),
-    "train_supervised": ("device", "train.gpus", "data.workers", "data.test_batch_size"),
-    "export_student": (),
-}
-
-
-def _select(config: Mapping[str, Any], keys: tuple[str, ...] | list[str]) -> dict:
-    picked: dict[str, Any] = {}
-    for key in keys:
-        section, _, name = key.partition(".")
-        if name:
-            picked.setdefault(section, {})[name] = copy.deepcopy(config[section][name])
-        else:
-            picked[section] = copy.deepcopy(config[section])
-    return picked
-
-
-def without_execution_keys(config: Mapping[str, Any]) -> dict:
-    """`config` less every execution-only key (what provenance records: outputs do not depend on them)."""
-    stripped = copy.deepcopy(dict(config))
-    for key in ALL_EXECUTION_KEYS:
-        section, _, name = key.partition(".")
-        if name and isinstance(stripped.get(section), dict):
-            stripped[section].pop(name, None)
-        elif not name:
-            stripped.pop(section, None)
-    return stripped
-
-
-def stage_params(config: Mapping[str, Any], stage: str) -> dict:
-    """The keys of a resolved config that can change `stage`'s outputs, key-sorted (a rule's params)."""
-    if stage in SOURCE_STAGES:
-        return stage_params(source_config(config), SOURCE_STAGES[stage])
-    keys = list(STAGE_KEYS[stage])
-    if stage == "prepare_dataset" and config["dataset"] == "synthetic":
-        keys.append("synthetic")
-    return json.loads(json.dumps(without_execution_keys(_select(config, keys)), sort_keys=True))
-
-
-def execution_settings(config: Mapping[str, Any], stage: str) -> dict:
-    """The execution-only keys `stage`'s job reads (device, processes, loader workers)."""
-    return _select(config, EXECUTION_KEYS[SOURCE_STAGES.get(stage, stage)])
-
-
-def stage_config(config: Mapping[str, Any], stage: str) -> dict:
-    """Exactly the config `stage`'s job runs with: its params plus its execution-only keys."""
-    return deep_merge(stage_params(config, stage), execution_settings(config, stage))

@@ -192,6 +192,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from purireid.config.recipes import describe_registry
+
+    print(describe_registry(), end="")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -275,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "snakemake --configfile); relative paths in it are taken from the current folder")
     p.add_argument("--skip-run", action="store_true", help="only the checks, no train step nor kNN on the devices")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("recipes", formatter_class=_Formatter, help="list the config's recipes and their settings",
+                       description="The named recipes and parts the config key 'recipe' chooses "
+                       "(purireid/config/recipes.py), with the keys each part sets; [ablation] marks the parts "
+                       "the ablation rows without_<part> / with_<part> remove or add.\n\n  purireid recipes")
+    p.set_defaults(func=cmd_recipes)
     return parser
 
 

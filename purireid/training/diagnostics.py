@@ -92,11 +92,16 @@ def camera_advice(multi_camera_share: float | None, num_cameras: int, camera_cen
     look-alikes), and the loss then pushes the same person's images in other cameras away."""
     if multi_camera_share is None or num_cameras < 2 or multi_camera_share >= MIN_MULTI_CAMERA_SHARE:
         return None
-    fixes = [] if camera_centre else ["set config key 'cluster.camera_centre' to true"]
-    fixes.append(f"raise 'cluster.same_camera_offset' (now {same_camera_offset}; the embedded default is 0.3)")
+    if not camera_centre and not same_camera_offset:
+        fix = ("add the recipe camera_robust to config key 'recipe' (it sets 'cluster.camera_centre' true and "
+               "'cluster.same_camera_offset' 0.3, with per-image input standardisation and memory momentum 0.5), "
+               "or set those two keys")
+    else:
+        fixes = [] if camera_centre else ["set config key 'cluster.camera_centre' to true"]
+        fixes.append(f"raise 'cluster.same_camera_offset' (now {same_camera_offset}; recipe camera_robust sets 0.3)")
+        fix = " and ".join(fixes)
     return (f"only {100 * multi_camera_share:.0f} % of the clusters span two or more of the {num_cameras} cameras: "
-            f"the pseudo labels group images by camera. If people cross cameras in these data, "
-            f"{' and '.join(fixes)}")
+            f"the pseudo labels group images by camera. If people cross cameras in these data, {fix}")
 
 
 # Above this rate, training from pretrained weights lost their head start on held-out sets.

@@ -108,7 +108,7 @@ def epoch_plans(config: Mapping[str, Any], label_source: LabelSource, teacher: T
         warmup = make_label_source(config["cluster"]["method"], config, records, features=teacher.features)
         plans.append(EpochPlan(0, -1, warmup, train["iters"] * config["student"]["warmup_iters_factor"], 1.0))
     for epoch in range(train["epochs"]):
-        plans.append(EpochPlan(len(plans), epoch, label_source, train["iters"], train["momentum"]))
+        plans.append(EpochPlan(len(plans), epoch, label_source, train["iters"], train["memory_momentum"]))
     return plans
 
 

@@ -1,4 +1,5 @@
-# Config validation, path helpers, report categories, the closing table, per-rule params and per-dataset resources.
+# Config validation, path helpers, report categories, the closing table, per-rule params and resources
+# (both from the stage table, purireid/config/dag.py).
 
 import posixpath
 import re
@@ -6,14 +7,16 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from purireid.config.resolve import ConfigError, resolve_config, source_config, stage_params
-from purireid.config.variants import BASE_RUN, TRAINED_BY, Runs, ablation_variants, describe_changes, run_configs, \
-    sweep_variants, sweeps
+from purireid.config.dag import SOURCE_STAGES, TRAINED_BY, source_config, stage_params, stage_resources
+from purireid.config.resolve import ConfigError, resolve_config
+from purireid.config.variants import BASE_RUN, Runs, ablation_variants, describe_changes, run_configs, sweep_variants, \
+    sweeps
 
 
 # The one validation of a run, before any job: against purireid/config/schemas/config.schema.yaml
 # (workflow/schemas/ links to it) plus the cross-key constraints a JSON schema cannot express,
-# naming the offending key (e.g. 'train.batch_size'). Every default is filled in in place.
+# naming the offending key (e.g. 'train.batch_size'). The recipes the config names
+# (purireid/config/recipes.py) and every default are filled in in place.
 # The variants (ablation and sweeps, purireid/config/variants.py) are checked here too, each as a
 # whole config, naming the variant and the key.
 try:
@@ -190,10 +193,11 @@ def final_outputs():
 
 # ---------------------------------------------------------------- params (rerun triggers)
 
-# A rule's `params.config` is exactly the config its job computes from (purireid.config.resolve.STAGE_KEYS):
-# the job is given these keys and no others, plus the execution-only keys (device, train.gpus,
-# data.workers, data.test_batch_size), which change how it runs but not what it computes and
-# so trigger no rerun. prepare.workers reaches the prepare job as its thread count.
+# A rule's `params.config` is exactly the config its job computes from (the stage's keys in the
+# stage table, purireid/config/dag.py), plus the recipe list its values came from: the job is
+# given these keys and no others, plus the execution-only keys (device, train.gpus, data.workers,
+# data.test_batch_size), which change how it runs but not what it computes and so trigger no
+# rerun. prepare.workers reaches the prepare job as its thread count.
 
 
 def params_of(stage):
@@ -203,48 +207,21 @@ def params_of(stage):
 
 # ---------------------------------------------------------------- resources
 
-# Sized per dataset (mem_mb in MB, runtime in minutes per job). Training runtimes are upper
-# bounds for one uninterrupted run on one GPU; on SLURM a shorter runtime with retries works
-# too, since training resumes from the last epoch (docs/slurm.md).
-_MARKET_SIZED = {
-    "prepare_dataset": dict(mem_mb=8000, runtime=60),
-    "train_teacher": dict(mem_mb=32000, runtime=720),
-    "extract_teacher_features": dict(mem_mb=16000, runtime=30),
-    "train_student": dict(mem_mb=32000, runtime=900),
-    "evaluate": dict(mem_mb=16000, runtime=30),
-}
-RESOURCES = {
-    "synthetic": {
-        "prepare_dataset": dict(mem_mb=2000, runtime=15),
-        "train_teacher": dict(mem_mb=4000, runtime=60),
-        "extract_teacher_features": dict(mem_mb=3000, runtime=15),
-        "train_student": dict(mem_mb=4000, runtime=60),
-        "evaluate": dict(mem_mb=3000, runtime=15),
-    },
-    "market1501": _MARKET_SIZED,
-    "dukemtmcreid": _MARKET_SIZED,
-    "folder": _MARKET_SIZED,
-    "msmt17": {
-        "prepare_dataset": dict(mem_mb=16000, runtime=120),
-        "train_teacher": dict(mem_mb=64000, runtime=1440),
-        "extract_teacher_features": dict(mem_mb=32000, runtime=60),
-        "train_student": dict(mem_mb=64000, runtime=1800),
-        "evaluate": dict(mem_mb=48000, runtime=60),
-    },
-}
+# Memory (MB) and runtime (minutes) per job, from the stage table (purireid/config/dag.py): sized
+# per dataset, with defaults for a dataset it does not list. A source rule is sized for the
+# stage it runs, on the source dataset.
 
 
-def source_resources(rule):
-    """Resources of a source stage: those of the same stage on the source dataset."""
-    return RESOURCES[SOURCE_CONFIG["dataset"]][rule]
+def resources_of(rule):
+    return stage_resources(rule, SOURCE_CONFIG["dataset"] if rule in SOURCE_STAGES else DATASET)
 
 
 def mem_mb(rule):
-    return RESOURCES[DATASET][rule]["mem_mb"]
+    return resources_of(rule).mem_mb
 
 
 def runtime(rule):
-    return RESOURCES[DATASET][rule]["runtime"]
+    return resources_of(rule).runtime
 
 
 # GPUs per job: the configured DDP width for training/extraction, one for evaluation,

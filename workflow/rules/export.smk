@@ -20,8 +20,8 @@ rule export_student:
         out("benchmarks", "export_student.tsv")
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=15,
+        mem_mb=mem_mb("export_student"),
+        runtime=runtime("export_student"),
         gpu=0,
     script:
         "../scripts/export_model.py"

@@ -20,8 +20,8 @@ rule prepare_source:
         benchmark_path("prepare_source")
     threads: SOURCE_CONFIG["prepare"]["workers"]
     resources:
-        mem_mb=source_resources("prepare_dataset")["mem_mb"],
-        runtime=source_resources("prepare_dataset")["runtime"],
+        mem_mb=mem_mb("prepare_source"),
+        runtime=runtime("prepare_source"),
     script:
         "../scripts/prepare_dataset.py"
 
@@ -52,8 +52,8 @@ rule pretrain_source:
         benchmark_path("pretrain_source")
     threads: TRAIN_THREADS
     resources:
-        mem_mb=source_resources("train_teacher")["mem_mb"],
-        runtime=source_resources("train_teacher")["runtime"],
+        mem_mb=mem_mb("pretrain_source"),
+        runtime=runtime("pretrain_source"),
         gpu=TRAIN_GPUS,
     script:
         "../scripts/train_supervised.py"

@@ -31,8 +31,8 @@ rule train_supervised:
         benchmark_path("train_supervised")
     threads: TRAIN_THREADS
     resources:
-        mem_mb=mem_mb("train_teacher"),
-        runtime=runtime("train_teacher"),
+        mem_mb=mem_mb("train_supervised"),
+        runtime=runtime("train_supervised"),
         gpu=TRAIN_GPUS,
     script:
         "../scripts/train_supervised.py"
