@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from purireid import VIEWS
@@ -28,20 +29,22 @@ from purireid.training.terms import EpochTargets
 from purireid.training.terms.memory import MemoryTerm
 
 
-def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int) -> float:
-    """The trainer's own step (purireid.training.loop.train_one_epoch) on random images."""
+def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int, *, instances: int = 4,
+                      bn_groups: int = 1, compile: bool = False) -> float:
+    """The trainer's own step (purireid.training.loop.train_one_epoch) on random images: a batch of
+    batch / instances pseudo-ids x `instances` images, the memory term on all views."""
     torch.manual_seed(0)
-    model = build_model(arch, "none").train()
+    model = build_model(arch, "none", bn_groups).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    num_clusters = 64
-    labels = torch.randint(0, num_clusters, (batch,)).numpy()
+    labels = np.repeat(np.arange(batch // instances), instances)
     features = {v: torch.nn.functional.normalize(torch.randn(batch, model.feat_dim), dim=1) for v in VIEWS}
-    memory = MemoryTerm(temperature=0.05, rounds=batch)
+    memory = MemoryTerm(temperature=0.05, rounds=instances)
     memory.start_epoch(EpochTargets(labels, features, labels * 0, int(labels.max()) + 1, 0.1, torch.device("cpu")))
     batches = [(torch.randn(batch, 3, height, width), torch.arange(batch))]
+    net = torch.compile(model) if compile else model
 
     def run(count: int) -> None:
-        train_one_epoch(model, optimizer, batches * count, [memory], DistContext(), StepSettings(view_weights(0.2)))
+        train_one_epoch(net, optimizer, batches * count, [memory], DistContext(), StepSettings(view_weights(0.2)))
 
     run(1)  # warm-up: allocator, kernels
     tic = time.perf_counter()
@@ -73,13 +76,20 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
     parser.add_argument("--epoch-config", type=Path, default=Path(__file__).resolve().parents[1] / "config.yaml")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
+    parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile "
+                        "(train.compile; the first call compiles and is not timed)")
+    parser.add_argument("--no-epoch", action="store_true", help="skip the epoch breakdown")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU")
+    height, width = args.size
     for arch in args.archs:
-        rate = step_images_per_s(arch, args.batch, args.steps, 256, 128)
-        print(f"teacher step {arch:9s} 256x128 batch {args.batch}: {rate:7.1f} images/s")
-    for r in epoch_breakdown(args.epoch_config, args.epochs):
+        for compiled in (False, True) if args.compile else (False,):
+            rate = step_images_per_s(arch, args.batch, args.steps, height, width, compile=compiled)
+            print(f"teacher step {arch:9s} {height}x{width} batch {args.batch}{' compiled' if compiled else ''}: "
+                  f"{rate:7.1f} images/s")
+    for r in ([] if args.no_epoch else epoch_breakdown(args.epoch_config, args.epochs)):
         total = r["extract_s"] + r["cluster_s"] + r["train_s"]
         print(f"epoch {r['epoch']} ({args.epoch_config.name}): {total:6.1f} s = extraction "
               f"{100 * r['extract_s'] / total:4.1f}% + clustering {100 * r['cluster_s'] / total:4.1f}% + "

@@ -398,6 +398,8 @@ def train(
     if ctx.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg["compile"]:  # the steps only: evaluation and labelling use the eager `model`
+        net = torch.compile(net)
 
     def test_accuracy() -> dict:
         # The headline metrics (mAP, mINP, Rank-1/5/10): the CMC up to rank 10 is enough.
