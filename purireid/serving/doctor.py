@@ -357,12 +357,15 @@ def _knn_check(device: torch.device, dim: int) -> str:
     bad = int((found.indices != _ranking(_dense_keys(query, gallery), k)).any(axis=1).sum())
     if bad:
         raise RuntimeError(f"gallery search of {bad} of {len(query)} queries differs from the exact CPU result")
-    backend = resolve_backend("auto", device, dim)
+    # The self-kNN of the pseudo labels runs on a GPU whenever there is one; the search where asked.
+    knn_on = torch.device("cuda" if device.type == "cuda" or torch.cuda.is_available() else "cpu")
+    used = (f"self-kNN {resolve_backend('auto', knn_on, dim)} on {knn_on.type}, "
+            f"search {resolve_backend('auto', device, dim)} on {device.type}")
     if device.type == "cpu":
         timed = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in calibration_timings(dim).items())
-        backend += f", calibrated: {timed} per block"
+        used += f"; CPU calibration: {timed} per block"
     return (f"kNN of {len(x)} x {dim}-d (k={k}) and search of {len(query)} queries: identical to the exact "
-            f"CPU result (backend {backend})")
+            f"CPU result ({used})")
 
 
 def run_checks(config: Mapping[str, Any]) -> Iterator[Check]:
