@@ -188,9 +188,9 @@ def run_child(mode: str, n: int, eps: float, backend: str, labels_out: str, repe
            "clusters": int(labels.max() + 1), "outliers": int((labels < 0).sum()),
            "torch_threads": torch.get_num_threads()}
     if mode == "ours":
-        from purireid.labels.neighbours import resolve_backend
+        from purireid.knn.engine import resolve_backend
 
-        res["backend"] = backend if backend != "auto" else "auto=" + resolve_backend("auto", torch.zeros(1, 2048))
+        res["backend"] = backend if backend != "auto" else "auto=" + resolve_backend("auto", "cpu", 2048)
         res.update({k: round(v, 2) if isinstance(v, float) else int(v) for k, v in first_stats.items()})
     return res
 

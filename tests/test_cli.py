@@ -256,6 +256,232 @@ def test_feature_files_of_another_checkpoint_or_size_are_refused(run, tmp_path, 
     assert not (tmp_path / "s").exists()
 
 
+# --------------------------------------------------------------------------- what a file is, --out, help
+
+
+def one_line_error(code: int, err: str, status: int = 1) -> str:
+    """The error of a refused command: `status`, one line, no traceback."""
+    assert code == status, err
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def foreign_files(run, tmp_path_factory) -> dict:
+    """Files people give in the wrong place: a TorchScript and an ONNX export of the checkpoint,
+    a text file, a folder, an empty folder (and the feature files and the checkpoint of `run`)."""
+    tmp = tmp_path_factory.mktemp("foreign")
+    for fmt, name in (("torchscript", "student.pt"), ("onnx", "student.onnx")):
+        assert main(["export", str(run["checkpoint"]), "--format", fmt, "--out", str(tmp / name)]) == 0
+    (tmp / "notes.txt").write_text("not a model\n")
+    (tmp / "folder").mkdir()
+    (tmp / "folder" / "readme.md").write_text("x")
+    (tmp / "empty").mkdir()
+    return {"torchscript": tmp / "student.pt", "onnx": tmp / "student.onnx", "text": tmp / "notes.txt",
+            "folder": tmp / "folder", "empty": tmp / "empty"}
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("torchscript", "is a TorchScript export"), ("onnx", "is an ONNX model"), ("text", "is a text file"),
+    ("folder", "is a folder"), ("empty", "is an empty folder"), ("features", "is a feature file of `purireid extract`"),
+])
+def test_a_wrong_file_as_checkpoint_says_what_it_is(run, foreign_files, kind, says, tmp_path, capsys):
+    given = run["features"]["gallery"] if kind == "features" else foreign_files[kind]
+    code, _, err = run_cli(["extract", given, run["images"] / "query", "--out", tmp_path / "x.h5"], capsys)
+    err = one_line_error(code, err)
+    assert f"checkpoint {given} {says}" in err and "not a purireid checkpoint" in err and "train_student" in err
+    assert "Warning" not in err and "weights_only" not in err  # torch's own advice and warnings stay out
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("checkpoint", "is a purireid checkpoint (resnet18)"), ("torchscript", "is a TorchScript export"),
+    ("text", "is a text file"), ("empty", "is an empty folder"), ("folder", "is a folder"),
+])
+def test_a_wrong_file_as_gallery_says_what_it_is(run, foreign_files, kind, says, tmp_path, capsys):
+    given = run["checkpoint"] if kind == "checkpoint" else foreign_files[kind]
+    code, _, err = run_cli(["search", "--gallery", given, "--query", run["features"]["query"], "--out",
+                            tmp_path / "s"], capsys)
+    err = one_line_error(code, err)
+    assert f"{given} {says}" in err and ", not a feature file" in err and "purireid extract" in err
+    assert "delete" not in err  # no advice to delete a checkpoint
+    assert not (tmp_path / "s").exists()
+
+
+def as_unprivileged():
+    """Run the block as an unprivileged user: root bypasses permission bits (effective ids only,
+    so that root takes them back); a no-op for a user already unprivileged."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def switch():
+        if os.geteuid() != 0:
+            yield
+            return
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+    return switch()
+
+
+@pytest.fixture
+def locked_folder():
+    """A folder nobody but root may write in, inside a folder everyone may enter."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="purireid-locked-"))
+    base.chmod(0o755)
+    locked = base / "locked"
+    locked.mkdir(mode=0o555)
+    locked.chmod(0o555)
+    yield locked
+    locked.chmod(0o755)
+    shutil.rmtree(base)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (a small tmpfs mounted ro; needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root (the permission case covers unprivileged users)")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_unwritable_or_impossible_out_is_refused_before_any_work(run, tmp_path, capsys, monkeypatch,
+                                                                   locked_folder, read_only_folder):
+    import purireid.serving.api as api
+    import purireid.serving.export as export
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(api.FeatureExtractor, "__init__", no_work)
+    monkeypatch.setattr(export, "export_model", no_work)
+    monkeypatch.setattr(api, "read_feature_file", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    cases = [  # (--out, what the line must say)
+        ("/proc/student.pt", "cannot create files in /proc"),
+        (tmp_path / "a_folder", "is an existing folder"),
+        (a_file / "x.pt", f"{a_file} is a file, not a folder"),
+        (a_file / "deeper" / "x.pt", f"{a_file} is a file, not a folder"),
+        (read_only_folder / "x.pt", "a read-only file system"),
+    ]
+    for out, says in cases:
+        for args in (["export", run["checkpoint"], "--format", "torchscript", "--out", out],
+                     ["extract", run["checkpoint"], run["images"] / "query", "--out", out]):
+            err = one_line_error(*run_cli(args, capsys)[::2])
+            assert f"--out {out}" in err and says in err, err
+    with as_unprivileged():
+        code, _, err = run_cli(["export", run["checkpoint"], "--format", "onnx", "--out", locked_folder / "m.onnx"],
+                               capsys)
+    err = one_line_error(code, err)
+    assert f"--out {locked_folder / 'm.onnx'}" in err and "permission denied" in err
+    code, _, err = run_cli(["search", "--gallery", run["features"]["gallery"], "--query", run["features"]["query"],
+                            "--out", a_file], capsys)
+    assert f"--out {a_file} is an existing file" in one_line_error(code, err)
+    assert not list(locked_folder.iterdir()) and not list(read_only_folder.iterdir())
+
+
+def test_missing_folders_of_out_are_created_and_help_says_so(run, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "gallery.h5"
+    assert run_cli(["extract", run["checkpoint"], run["images"] / "query", "--out", out], capsys)[0] == 0
+    assert out.is_file()
+    for command in ("extract", "search", "export"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--out OUT the HDF5 file to write (missing folders are created)" in text or \
+            "--out OUT output folder (created if missing)" in text or \
+            "--out OUT the file to write (missing folders are created)" in text
+
+
+def test_help_states_defaults_once_and_explains_every_option(capsys):
+    from purireid.serving.cli import _Formatter, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command, parser in sub.choices.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text, command
+        for action in parser._actions:
+            shown = _Formatter(parser.prog)._get_help_string(action)
+            assert action.help and shown.count("(default:") <= 1, (command, action.option_strings, shown)
+            if action.required:
+                assert "(default:" not in shown, (command, action.option_strings)
+        if command == "extract":
+            assert "--root ROOT folder that relative paths in a manifest start from (default: the manifest's " \
+                "folder) --split" in text
+
+
+def test_command_alone_lists_the_commands_and_a_mistyped_option_hints_the_right_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert all(f"{command} " in err for command in SUBCOMMANDS) and "usage: purireid" in err
+    with pytest.raises(SystemExit) as stop:
+        main(["search", "--gallery", "g.h5", "--query", "q.h5", "--out", "x", "--k", "0"])
+    err = one_line_error(stop.value.code, capsys.readouterr().err, status=2)
+    assert err.startswith("purireid search: error: unrecognized arguments: --k 0") and "did you mean --topk?" in err
+    with pytest.raises(SystemExit) as stop:
+        main(["search", "--gallery", "g.h5", "--query", "q.h5", "--out", "x", "--topk", "0"])
+    err = one_line_error(stop.value.code, capsys.readouterr().err, status=2)
+    assert "argument --topk: must be >= 1, got 0" in err
+
+
+def test_topk_beyond_the_gallery_is_recorded_as_what_the_lists_hold(run, tmp_path, capsys):
+    out = tmp_path / "all"
+    code, stdout, _ = run_cli(["search", "--gallery", run["features"]["gallery"], "--query", run["features"]["query"],
+                               "--out", out, "--topk", "100000"], capsys)
+    assert code == 0
+    result = json.loads((out / "ranked.json").read_text())
+    gallery = run["eval"][False]["num_gallery"]  # no junk in the synthetic gallery
+    assert result["topk"] == gallery and result["topk_requested"] == 100000
+    assert all(len(q["results"]) == gallery for q in result["queries"])
+    assert f"top {gallery} (--topk 100000: the gallery holds {gallery})" in stdout
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_search_page_says_which_distance(run, rerank, tmp_path, capsys):
+    out = tmp_path / "page"
+    args = ["search", "--gallery", run["features"]["gallery"], "--query", run["features"]["query"], "--out", out]
+    assert run_cli(args + (["--rerank"] if rerank else []), capsys)[0] == 0
+    page = (out / "index.html").read_text()
+    said = "Distances: k-reciprocal re-ranked." if rerank else "Distances: squared Euclidean (exact)."
+    assert said in page and ("re-ranked" in page) == rerank
+    assert json.loads((out / "ranked.json").read_text())["distance"] in said
+
+
+def test_feature_files_of_different_dimensions_name_both(run, tmp_path, capsys):
+    from purireid.io.features import read_feature_file, write_feature_file
+
+    gallery = read_feature_file(run["features"]["gallery"], fix="")
+    narrow = tmp_path / "narrow.h5"
+    write_feature_file(narrow, {"global": np.ones((3, 256), np.float32) / 16}, ["a.jpg", "b.jpg", "c.jpg"],
+                       kind="extract", checkpoint_sha256=gallery.checkpoint_sha256, input_size=gallery.input_size)
+    code, _, err = run_cli(["search", "--gallery", run["features"]["gallery"], "--query", narrow, "--out",
+                            tmp_path / "s"], capsys)
+    err = one_line_error(code, err)
+    assert "different dimensions (256 vs 512)" in err and str(narrow) in err and str(run["features"]["gallery"]) in err
+
+
 # --------------------------------------------------------------------------- export
 
 

@@ -70,3 +70,13 @@ def test_cluster_check_is_a_degenerate_labels_error():
     assert issubclass(DegenerateClustering, DegenerateLabels)
     assert count_classes(np.array([-1, -1])) == 0 and count_classes(np.array([0, 2, -1])) == 3
     assert check_clusters(np.array([0, 1, -1]), config, epoch=0) == 2
+
+
+def test_the_schema_offers_exactly_the_registered_pseudo_label_methods():
+    from purireid.config.resolve import load_schema
+    from purireid.labels.sources import LABEL_SOURCES, PSEUDO_LABEL_METHODS, label_source
+
+    assert load_schema()["properties"]["cluster"]["properties"]["method"]["enum"] == list(PSEUDO_LABEL_METHODS)
+    assert set(PSEUDO_LABEL_METHODS) < set(LABEL_SOURCES)
+    with pytest.raises(ValueError, match="unknown label source 'kmeans'.*multiview_dbscan"):
+        label_source("kmeans", {}, [])

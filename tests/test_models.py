@@ -298,3 +298,21 @@ def test_input_norm_travels_with_the_checkpoint(tmp_path):
             torch.testing.assert_close(rebuilt(x)["global"], want)
     with pytest.raises(ValueError, match="per_image"):
         build_model("resnet18", "none", input_norm="grey_world")
+
+
+def test_backbone_registry_is_the_one_list_of_backbones():
+    """model.arch's choices, the feature dimension, the trunk's layers, the last-stride surgery and
+    the weights' file names all come from purireid.model.backbones.BACKBONES."""
+    from purireid.config.resolve import load_schema
+    from purireid.model.backbones import ARCHS, BACKBONES
+
+    assert load_schema()["properties"]["model"]["properties"]["arch"]["enum"] == list(ARCHS) == list(BACKBONES)
+    for arch, spec in BACKBONES.items():
+        model = build_model(arch, "none").eval()
+        assert model.arch == arch and model.trunk_names == spec.trunk
+        with torch.no_grad():
+            assert model.feature_map(torch.randn(1, 3, 64, 32)).shape[1] == spec.feat_dim == model.feat_dim
+        for path in spec.stride_one:
+            assert model.get_submodule(path).stride == (1, 1)
+        assert [p.name for p in imagenet_weights_path(arch)][0].startswith(arch)
+        assert len(spec.conv_bn_pairs(model)) > 0

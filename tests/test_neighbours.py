@@ -1,4 +1,5 @@
-"""purireid.labels.neighbours: certified exact kNN against a dense sort (tests/jaccard_reference.py)."""
+"""purireid.labels.neighbours: certified exact kNN against a dense sort (tests/jaccard_reference.py), and
+the engine's calibrated backend choice (purireid.knn.engine)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from purireid.knn import engine
 from purireid.labels import neighbours
 
 
@@ -51,19 +53,19 @@ def test_auto_backend_is_the_fastest_in_the_calibration(monkeypatch):
         calls.append(backend)
         return fake[backend]
 
-    monkeypatch.setattr(neighbours, "_block_seconds", timed)
+    monkeypatch.setattr(engine, "_block_seconds", timed)
     monkeypatch.setattr(neighbours.torch.cuda, "is_available", lambda: False)
-    neighbours.calibrated_cpu_backend.cache_clear()
+    engine.calibrated_cpu_backend.cache_clear()
     try:
-        assert neighbours.resolve_backend("auto", torch.zeros(5, 24)) == "faiss"
+        assert engine.resolve_backend("auto", "cpu", 24) == "faiss"
         n_calls = len(calls)
-        assert neighbours.resolve_backend("auto", torch.zeros(7, 24)) == "faiss"
+        assert engine.resolve_backend("auto", "cpu", 24) == "faiss"
         assert len(calls) == n_calls  # cached per process and dimension
-        assert neighbours.resolve_backend("bf16", torch.zeros(7, 24)) == "bf16"
+        assert engine.resolve_backend("bf16", "cpu", 24) == "bf16"
         fake.update(bf16=0.001)
-        assert neighbours.resolve_backend("auto", torch.zeros(7, 25)) == "bf16"
+        assert engine.resolve_backend("auto", "cpu", 25) == "bf16"
     finally:
-        neighbours.calibrated_cpu_backend.cache_clear()
+        engine.calibrated_cpu_backend.cache_clear()
 
 
 def test_fp32_backend_ignores_reduced_matmul_precision():

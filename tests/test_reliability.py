@@ -19,9 +19,8 @@ from purireid import VIEWS
 from purireid.data import build_image_cache, generate_synthetic, load_dataset
 from purireid.io.files import DiskFullError, atomic_path, torch_save_atomic, write_text_atomic
 from purireid.model.network import build_model
-from purireid.io.checkpoints import (
-    FeatureFileMismatch, read_teacher_features, save_model_checkpoint, save_state, write_teacher_features,
-)
+from purireid.io.checkpoints import save_model_checkpoint, save_state
+from purireid.io.features import FeatureFileMismatch, read_teacher_features, write_teacher_features
 
 
 def leftovers(folder: Path) -> list[str]:

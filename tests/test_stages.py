@@ -25,7 +25,8 @@ from purireid.io.files import sha256_file
 from purireid.labels.sources import DegenerateClustering, PseudoLabels, TrueLabels, check_clusters
 from purireid.training.losses import view_weights
 from purireid.stages import evaluate, extract_teacher_features, train_student, train_teacher
-from purireid.io.checkpoints import FeatureFileMismatch, load_model_checkpoint, read_teacher_features
+from purireid.io.checkpoints import load_model_checkpoint
+from purireid.io.features import FeatureFileMismatch, read_teacher_features
 from purireid.evaluation.inference import evaluate_model, extract_records
 from purireid.runtime.signals import GracefulTermination
 from purireid.training.loop import EpochPlan, TeacherGuidance, TrainingRun, run_epoch, train

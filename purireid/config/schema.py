@@ -29,7 +29,12 @@ class ConfigError(ValueError):
 @functools.lru_cache(maxsize=1)
 def _parsed_schema() -> dict:
     # Parsed once per process: a workflow resolves one config per variant.
-    return yaml.safe_load(resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text())
+    schema = yaml.safe_load(resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text())
+    # model.arch's choices are the backbone registry's names (one place to add a backbone).
+    from purireid.model.backbones import ARCHS
+
+    schema["properties"]["model"]["properties"]["arch"]["enum"] = list(ARCHS)
+    return schema
 
 
 def load_schema() -> dict:

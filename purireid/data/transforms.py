@@ -47,9 +47,12 @@ class AugParams(NamedTuple):
         return AugParams(*(a[sl] for a in self))
 
 
-def load_resized(path: str | Path, height: int, width: int) -> Image.Image:
-    """Decode to RGB and bicubic-resize to (height, width) (torchvision's Resize with interpolation=3)."""
-    with Image.open(path) as im:
+def load_resized(source: str | Path | Image.Image, height: int, width: int) -> Image.Image:
+    """Decode to RGB and bicubic-resize to (height, width) (torchvision's Resize with interpolation=3).
+    `source`: an image file, or an already opened PIL image."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB").resize((width, height), Image.BICUBIC)
+    with Image.open(source) as im:
         return im.convert("RGB").resize((width, height), Image.BICUBIC)
 
 
@@ -173,4 +176,4 @@ class TestTransform:
         self.height, self.width = height, width
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return to_normalised_tensor(img.convert("RGB").resize((self.width, self.height), Image.BICUBIC))
+        return to_normalised_tensor(load_resized(img, self.height, self.width))

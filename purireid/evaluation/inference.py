@@ -1,11 +1,20 @@
-"""Inference: eval-mode, L2-normalised features of images (the one extractor behind the
-training loop, the stages, the CLI and the API), sharded over the processes of a DDP run;
-query/gallery evaluation of a model; and where the decoded-image cache lives."""
+"""Inference: eval-mode, L2-normalised features of images; the one extractor (`feature_batches`,
+gathered by `extract_features`) behind the training loop and the stages (`extract_records`,
+sharded over the processes of a DDP run) and behind `purireid extract` / the API
+(purireid.serving.api.FeatureExtractor over `image_batches`); query/gallery evaluation of a
+model; and where the decoded-image cache lives.
+
+Every image goes through the test transform's two functions, purireid.data.transforms's
+`load_resized` (decode, RGB, bicubic resize) and `normalise_batch` (ImageNet normalisation of a
+uint8 batch): the test loader's cache rows and `image_batches` call them, so the stages and the
+API see the same tensors."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +23,10 @@ import torch
 
 from purireid import VIEWS
 from purireid.data import Record, build_test_loader
+from purireid.data.transforms import load_resized, normalise_batch
+from purireid.evaluation.metrics import evaluate_features
 from purireid.log import progress_iter
 from purireid.runtime.distributed import DistContext
-from purireid.evaluation.metrics import evaluate_features
 
 
 def autocast_context(device: torch.device, amp: bool):
@@ -27,6 +37,35 @@ def autocast_context(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
+def feature_batches(
+    model: torch.nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    views: Sequence[str] = VIEWS,
+    desc: str = "extract",
+    progress: bool = True,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Per batch of the loader's (images, indices): ({view: CPU float32 [b, D] L2-normalised
+    eval-mode features}, indices). `channels_last`: feed the network channels_last (wherever it
+    runs); `amp`: bf16 autocast on CUDA. The model's train/eval mode is restored at the end."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for images, indices in progress_iter(loader, total, desc, unit="batch", enabled=progress):
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp):
+                feats = model(images)
+            yield {v: torch.nn.functional.normalize(feats[v].float(), dim=1).cpu() for v in views}, indices
+    finally:
+        model.train(was_training)
+
+
 def extract_features(
     model: torch.nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -38,35 +77,71 @@ def extract_features(
     views: Sequence[str] = VIEWS,
     desc: str = "extract",
 ) -> dict[str, torch.Tensor]:
-    """Eval-mode, L2-normalised features of every image the loader yields, as CPU float32.
+    """Eval-mode, L2-normalised features of every image the loader yields, as CPU float32
+    (`feature_batches`; channels_last only on CUDA, as training runs).
 
     Rows are placed by the indices the loader yields, so row i belongs to record i.
     """
-    was_training = model.training
-    model.eval()
     out: dict[str, torch.Tensor] = {}
     filled = torch.zeros(num_images, dtype=torch.bool)
-    try:
-        total = len(loader) if hasattr(loader, "__len__") else None
-        for images, indices in progress_iter(loader, total, desc, unit="batch"):
-            images = images.to(device, non_blocking=True)
-            if channels_last and device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
-                feats = model(images)
-            for view in views:
-                f = torch.nn.functional.normalize(feats[view].float(), dim=1).cpu()
-                if view not in out:
-                    out[view] = torch.empty((num_images, f.shape[1]), dtype=torch.float32)
-                out[view][indices] = f
-            filled[indices] = True
-    finally:
-        model.train(was_training)
+    for feats, indices in feature_batches(model, loader, device, amp=amp,
+                                          channels_last=channels_last and device.type == "cuda", views=views,
+                                          desc=desc):
+        for view, f in feats.items():
+            if view not in out:
+                out[view] = torch.empty((num_images, f.shape[1]), dtype=torch.float32)
+            out[view][indices] = f
+        filled[indices] = True
     if num_images and not bool(filled.all()):
         missing = int((~filled).sum())
         raise RuntimeError(f"feature extraction missed {missing} of {num_images} images")
     return out
 
+
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded: `name` (its path, or "<image i>") and `reason`."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"cannot read image {name} ({reason})")
+        self.name, self.reason = name, reason
+
+
+def image_batches(images: Sequence[Any], height: int, width: int, batch_size: int, *, workers: int = 2,
+                  on_unreadable: Callable[[str, str], None] | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalised float32 [b, 3, height, width], indices int64 [b]) over `images` (file paths
+    or PIL images) in order, with the test transform (`load_resized`, `normalise_batch`); a
+    thread pool of `workers` decodes one batch ahead of the caller. An unreadable image raises
+    `UnreadableImage`, or, with `on_unreadable(name, reason)`, is reported there and left out."""
+    def decode(item: Any) -> np.ndarray:
+        return np.asarray(load_resized(item, height, width), dtype=np.uint8)
+
+    def name(i: int) -> str:
+        return str(images[i]) if isinstance(images[i], (str, Path)) else f"<image {i}>"
+
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        def submit(start: int) -> tuple[range, list[Future]]:
+            rows = range(start, min(len(images), start + batch_size))
+            return rows, [pool.submit(decode, images[i]) for i in rows]
+
+        pending: deque = deque(submit(s) for s in range(0, min(len(images), 2 * batch_size), batch_size))
+        next_start = 2 * batch_size
+        while pending:
+            rows, futures = pending.popleft()
+            if next_start < len(images):
+                pending.append(submit(next_start))
+                next_start += batch_size
+            kept, arrays = [], []
+            for i, future in zip(rows, futures):
+                try:
+                    arrays.append(future.result())
+                    kept.append(i)
+                except Exception as exc:  # noqa: BLE001 - any decoder failure is the image's
+                    if on_unreadable is None:
+                        raise UnreadableImage(name(i), f"{type(exc).__name__}: {exc}") from None
+                    on_unreadable(name(i), f"{type(exc).__name__}: {exc}")
+            if kept:
+                yield normalise_batch(torch.from_numpy(np.stack(arrays))), torch.tensor(kept, dtype=torch.int64)
 
 
 def cache_dir_for(manifest: str | Path) -> Path:

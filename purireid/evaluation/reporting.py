@@ -1,5 +1,5 @@
-"""Human-facing outputs of the stages: the per-epoch JSON-lines log, the training curve, the
-CMC curve and the ranked-list picture (all written atomically).
+"""Human-facing outputs of the stages: the training curve, the CMC curve and the ranked-list
+picture (all written atomically; the per-epoch JSON-lines log is purireid.io.files.write_jsonl).
 
 Every picture is sized for the Snakemake report, which shows an image at its natural size,
 centred: one larger than the page cannot be scrolled to its top (issue 14). So pictures
@@ -8,7 +8,6 @@ stay within `REPORT_MAX_SIZE` pixels.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from purireid.data import Record
-from purireid.io.files import atomic_path, write_text_atomic
+from purireid.io.files import atomic_path
 from purireid.evaluation.summary import PHASE_UNTRAINED, record_phase
 
 RANKED_LIST_LENGTH = 10
@@ -33,11 +32,6 @@ FIGURE_DPI = 90
 # Label-quality diagnostics of the training log (fractions), plotted when present.
 LABEL_QUALITY = (("purity", "cluster purity"), ("nmi", "NMI"), ("ari", "ARI"),
                  ("multi_camera_share", "multi-camera clusters"))
-
-
-def write_jsonl(path: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
-    """Rewrite the whole per-epoch log atomically (it is small), so it is never half a line."""
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _save_figure(fig: Any, path: str | Path) -> None:

@@ -1,9 +1,13 @@
 """What the stages write and read back, with its provenance: the resolved config beside the
-outputs, config fingerprints, model checkpoints, the resume state of a training run, and the
-teacher-feature HDF5 file.
+outputs, config fingerprints, model checkpoints and the resume state of a training run; and the
+one reader of torch files, which first says what a file is.
 
 Every file is written atomically (purireid.io.files) and byte-reproducibly: equal inputs give equal
-bytes (no timestamps, no temporary names inside archives).
+bytes (no timestamps, no temporary names inside archives). Every torch file is read with one
+trust policy, weights_only=True (purireid.io.files.torch_load): model checkpoints, resume states
+and best epochs hold only tensors and plain values. A file that is not a purireid checkpoint is
+refused with one line saying what it is (`describe_file`: a TorchScript or ONNX export, an HDF5
+feature file, a text file, a folder, ...). The HDF5 feature files are purireid.io.features's.
 """
 
 from __future__ import annotations
@@ -11,18 +15,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
-import numpy as np
 import torch
-import yaml
 
-from purireid import VIEWS, __version__
+from purireid import __version__
 from purireid.config.resolve import without_execution_keys
-from purireid.io.files import atomic_path, torch_save_atomic, write_yaml_atomic
+from purireid.io.files import sha256_file, torch_load, torch_save_atomic, write_yaml_atomic
 from purireid.log import get_logger
 from purireid.model.network import build_model, input_norm_of
 
@@ -30,6 +33,16 @@ log = get_logger("checkpoints")
 
 STATE_FILE = "state.pth"
 BEST_FILE = "best.pth"
+CHECKPOINT_KEYS = ("state_dict", "arch", "feat_dim", "config")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# The fix when a checkpoint given by a person cannot be used (the stages give their own).
+CHECKPOINT_FIX = ("give the model.pth written by the train_teacher or train_student rule "
+                  "(results/<dataset>/student/model.pth)")
+STAGE_CHECKPOINT_FIX = "rerun the stage that writes it"
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is missing or is not one; the message says what it is and the fix."""
 
 
 # --------------------------------------------------------------------------- config, provenance
@@ -56,7 +69,149 @@ def image_list_digest(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- what a file is
+
+
+def file_kind(path: str | Path) -> str:
+    """What `path` is, from its first bytes (nothing is loaded): "missing", "folder", "empty
+    folder", "empty file", "hdf5", "torch" (a torch.save file), "torchscript", "onnx", "text",
+    "unreadable" or "binary"."""
+    path = Path(path)
+    if path.is_dir():
+        return "folder" if any(path.iterdir()) else "empty folder"
+    if not path.exists():
+        return "missing"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "empty file"
+    if head.startswith(HDF5_SIGNATURE):
+        return "hdf5"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "binary"
+        if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+            return "torchscript"
+        return "torch" if any(n.endswith("/data.pkl") for n in names) else "binary"
+    if head.startswith(b"\x80\x02"):  # torch.save's legacy (pre-zip) format: a pickled magic number
+        return "torch"
+    # An ONNX model is a protobuf ModelProto: field 1 (ir_version, a varint) first, then its
+    # producer ("pytorch" for torch.onnx); no magic number, so the suffix counts too.
+    if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"pytorch" in head[:256] or b"onnx" in head[:256]):
+        return "onnx"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "text"
+        except UnicodeDecodeError as exc:
+            if exc.start >= len(head) - 3:  # a multi-byte character cut by the 4 KiB read
+                return "text"
+    return "binary"
+
+
+def describe_file(path: str | Path) -> str:
+    """One phrase saying what `path` is, for messages ("<path> is <phrase>, not ..."): a purireid
+    checkpoint (its arch), another torch file, a TorchScript export, an ONNX model, a purireid
+    feature file (which kind), another HDF5 file, a text file, a folder, an empty folder, ..."""
+    kind = file_kind(path)
+    if kind == "hdf5":
+        from purireid.io.features import describe_hdf5
+
+        return describe_hdf5(path)
+    if kind == "torch":
+        try:
+            obj = torch_load(path)
+        except Exception:  # noqa: BLE001 - what it is matters here, not why torch refused it
+            return "a PyTorch file that does not load without running code, or is damaged"
+        return _describe_torch_object(obj)
+    return {
+        "missing": "missing (no such file or folder)",
+        "folder": "a folder",
+        "empty folder": "an empty folder",
+        "empty file": "an empty file",
+        "torchscript": "a TorchScript export (loaded with torch.jit.load)",
+        "onnx": "an ONNX model (run with onnxruntime)",
+        "text": "a text file",
+        "unreadable": "a file this user cannot read",
+    }.get(kind, "a binary file of an unknown format")
+
+
+def _describe_torch_object(obj: Any) -> str:
+    if isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS):
+        return f"a purireid checkpoint ({obj['arch']})"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return "a PyTorch file holding a bare state_dict (weights without the arch and config of a checkpoint)"
+    if isinstance(obj, dict) and "fingerprint" in obj and "optimizer" in obj:
+        return "the resume state of a training job (state/state.pth), not a finished checkpoint"
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(obj, dict) or k not in obj]
+    return f"a PyTorch file holding a {type(obj).__name__} without the key(s) {', '.join(missing)}"
+
+
 # --------------------------------------------------------------------------- model checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model checkpoint, read and checked: what is needed to rebuild its model, and the rest of
+    what the stage recorded (`extra`: role, epochs, the best epoch and its mAP, ...)."""
+
+    path: Path
+    sha256: str
+    arch: str
+    feat_dim: int
+    input_size: tuple[int, int]  # (height, width) the model was trained and evaluated at
+    config: dict
+    state_dict: dict = field(repr=False)
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def model(self, bn_groups: int = 1) -> torch.nn.Module:
+        """The model with the checkpoint's weights, on the CPU, as built (train mode)."""
+        model = build_model(self.arch, pretrained="none", bn_groups=bn_groups, input_norm=input_norm_of(self.config))
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {self.path}: its weights do not fit a purireid {self.arch} "
+                                  f"({str(exc).splitlines()[0]}); was the file edited or written by another "
+                                  "program? Rerun the stage that wrote it") from None
+        return model
+
+    def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The model in eval mode on `device`, with the checkpoint's weights."""
+        return self.model().to(device).eval()
+
+
+def read_checkpoint(path: str | Path, *, fix: str = CHECKPOINT_FIX) -> Checkpoint:
+    """Open a `model.pth` written by the training stages (weights_only); a `CheckpointError` saying
+    what the file is, and `fix`, for anything else."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "missing":
+        raise CheckpointError(f"checkpoint {path}: no such file; {fix}")
+    if kind != "torch":
+        raise CheckpointError(f"checkpoint {path} is {describe_file(path)}, not a purireid checkpoint; {fix}")
+    try:
+        obj = torch_load(path)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, a pickle with code, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is a PyTorch file that cannot be read as a purireid checkpoint "
+                              f"(damaged, or it needs code to load: {first[:160]}); {fix}") from None
+    if not (isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS)):
+        raise CheckpointError(f"checkpoint {path} is {_describe_torch_object(obj)}, not a purireid checkpoint; {fix}")
+    data = obj["config"].get("data", {}) if isinstance(obj["config"], dict) else {}
+    try:
+        size = (int(data["height"]), int(data["width"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {path}: its config lacks data.height / data.width (the input size); "
+                              f"{fix}") from None
+    extra = {k: v for k, v in obj.items() if k not in CHECKPOINT_KEYS}
+    return Checkpoint(path=path, sha256=sha256_file(path), arch=str(obj["arch"]), feat_dim=int(obj["feat_dim"]),
+                      input_size=size, config=dict(obj["config"]), state_dict=obj["state_dict"], extra=extra)
 
 
 def save_model_checkpoint(path: str | Path, model: torch.nn.Module, config: Mapping[str, Any], **extra: Any) -> None:
@@ -77,19 +232,8 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, config: Mapp
 
 
 def load_model_checkpoint(path: str | Path, device: torch.device, bn_groups: int = 1) -> torch.nn.Module:
-    """Rebuild a model from a stage checkpoint (random init, then the stored weights)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; run the stage that writes it first")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        arch, state_dict = checkpoint["arch"], checkpoint["state_dict"]
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable purireid checkpoint ({exc}); rerun the stage that writes it") from exc
-    model = build_model(arch, pretrained="none", bn_groups=bn_groups,
-                        input_norm=input_norm_of(checkpoint.get("config", {})))
-    model.load_state_dict(state_dict)
-    return model.to(device)
+    """Rebuild a model from a stage checkpoint (random init, then the stored weights) on `device`."""
+    return read_checkpoint(path, fix=STAGE_CHECKPOINT_FIX).model(bn_groups).to(device)
 
 
 # --------------------------------------------------------------------------- resume state
@@ -106,11 +250,11 @@ def load_state(state_dir: str | Path, fingerprint: str) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+        state = torch_load(path)
+    except Exception as exc:  # noqa: BLE001 - damaged, or holds something weights_only refuses
         log.warning("ignoring unreadable resume state %s (%s); starting from scratch", path, exc)
         return None
-    if state.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         log.warning("resume state %s was made with another config or inputs; starting from scratch", path)
         return None
     return state
@@ -123,9 +267,9 @@ def save_best(state_dir: str | Path, model: torch.nn.Module, config: Mapping[str
 
 
 def load_best(state_dir: str | Path) -> dict | None:
-    """The checkpoint `save_best` kept, or None."""
+    """The checkpoint `save_best` kept (as the dict it saved), or None."""
     path = Path(state_dir) / BEST_FILE
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    return torch_load(path) if path.exists() else None
 
 
 def clear_state(state_dir: str | Path) -> None:
@@ -134,95 +278,3 @@ def clear_state(state_dir: str | Path) -> None:
         (Path(state_dir) / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path(state_dir).rmdir()
-
-
-# --------------------------------------------------------------------------- teacher features (HDF5)
-
-
-class FeatureFileMismatch(ValueError):
-    """The HDF5 feature file is unreadable, or does not belong to the given checkpoint or image list."""
-
-
-def write_teacher_features(
-    path: str | Path,
-    features: Mapping[str, torch.Tensor | np.ndarray],
-    *,
-    paths: Sequence[str],
-    camids: Sequence[int],
-    pids: Sequence[int],
-    checkpoint_sha256: str,
-    config: Mapping[str, Any],
-) -> None:
-    """Write the teacher-feature file atomically; no timestamps, so equal features give equal bytes."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            group = h5.create_group("features")
-            for view in VIEWS:
-                array = np.asarray(features[view], dtype=np.float32)
-                group.create_dataset(view, data=array, track_times=False,
-                                     chunks=(min(len(array), 1024), array.shape[1]) if len(array) else None)
-            h5.create_dataset("paths", data=np.asarray(list(paths), dtype=h5py.string_dtype()), track_times=False)
-            h5.create_dataset("camids", data=np.asarray(camids, dtype=np.int64), track_times=False)
-            h5.create_dataset("pids", data=np.asarray(pids, dtype=np.int64), track_times=False)
-            h5.attrs["checkpoint_sha256"] = checkpoint_sha256
-            h5.attrs["image_list_sha256"] = image_list_digest(paths)
-            h5.attrs["config"] = yaml.safe_dump(without_execution_keys(config), sort_keys=False)
-            h5.attrs["purireid_version"] = __version__
-
-
-_RERUN = "delete it and rerun extract_teacher_features (snakemake -R extract_teacher_features)"
-
-
-def read_teacher_features(
-    path: str | Path,
-    *,
-    expected_checkpoint_sha256: str | None = None,
-    expected_paths: Sequence[str] | None = None,
-) -> dict:
-    """Read a teacher-feature file, refusing a damaged one, or one made from another checkpoint
-    or image list, with the fix."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"teacher feature file {path} does not exist; run the extract_teacher_features rule")
-    try:
-        with h5py.File(path, "r") as h5:
-            return _read_teacher_features(h5, path, expected_checkpoint_sha256, expected_paths)
-    except (OSError, KeyError, ValueError) as exc:
-        if isinstance(exc, FeatureFileMismatch):
-            raise
-        # h5py's own messages ("truncated file: eof = ...") name neither the file nor the fix.
-        raise FeatureFileMismatch(f"{path} cannot be read as a teacher-feature file ({exc}): it is truncated "
-                                  f"or damaged; {_RERUN}") from exc
-
-
-def _read_teacher_features(h5: h5py.File, path: Path, expected_checkpoint_sha256: str | None,
-                           expected_paths: Sequence[str] | None) -> dict:
-    missing = [f"/features/{v}" for v in VIEWS if f"features/{v}" not in h5]
-    missing += [k for k in ("paths", "camids", "pids") if k not in h5]
-    if missing:
-        raise FeatureFileMismatch(f"{path} lacks {', '.join(missing)}; it is not a purireid teacher-feature file: "
-                                  f"{_RERUN}")
-    stored_sha = str(h5.attrs.get("checkpoint_sha256", ""))
-    if expected_checkpoint_sha256 is not None and stored_sha != expected_checkpoint_sha256:
-        raise FeatureFileMismatch(
-            f"{path} was extracted from a checkpoint with sha256 {stored_sha[:12]}…, but the teacher "
-            f"checkpoint given has sha256 {expected_checkpoint_sha256[:12]}…; the teacher was retrained "
-            "since. Rerun extract_teacher_features (snakemake -R extract_teacher_features)"
-        )
-    paths = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
-    if expected_paths is not None and list(expected_paths) != paths:
-        raise FeatureFileMismatch(
-            f"{path} holds features of {len(paths)} images that differ from the manifest's "
-            f"{len(expected_paths)} train images (list hash {image_list_digest(paths)[:12]}… vs "
-            f"{image_list_digest(expected_paths)[:12]}…); the dataset was prepared again since. "
-            "Rerun extract_teacher_features"
-        )
-    return {
-        "features": {v: torch.from_numpy(h5[f"features/{v}"][()]) for v in VIEWS},
-        "paths": paths,
-        "camids": h5["camids"][()],
-        "pids": h5["pids"][()],
-        "checkpoint_sha256": stored_sha,
-        "config": str(h5.attrs.get("config", "")),
-        "purireid_version": str(h5.attrs.get("purireid_version", "")),
-    }

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def write_jsonl(path: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Rewrite a whole JSON-lines file (a training log.jsonl) atomically: it is small, and then
+    never half a line."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def write_yaml_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, yaml.safe_dump(obj, sort_keys=False))
 
@@ -117,6 +123,15 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         torch.save(obj, handle)
+
+
+def torch_load(path: str | Path) -> Any:
+    """purireid's one torch.load, with one trust policy: weights_only=True. Every torch file it
+    writes (checkpoints, resume states, best epochs) holds only tensors and plain Python values,
+    and a file that needs arbitrary code to load (a pickle with code) is refused, never executed."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

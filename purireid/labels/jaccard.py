@@ -25,8 +25,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from purireid.knn.engine import as_feature_tensor
+from purireid.labels.neighbours import exact_lists, offset_lists, prefix_exact_lists
 from purireid.log import get_logger
-from purireid.labels.neighbours import as_feature_tensor, exact_lists, offset_lists, prefix_exact_lists
 
 __all__ = ["jaccard_distance", "jaccard_pairs", "pairs_to_csr", "rerank_distance"]
 

@@ -220,14 +220,14 @@ class TrueLabels(LabelSource):
         return {"labels": "true", "sha256": hashlib.sha256(self.labels.tobytes()).hexdigest()}
 
 
-# Label sources by name: cluster.method picks the pseudo-label method of the teacher and the
-# student (and of the student's warm-up on the teacher's features); the supervised stages use
-# "true_identities". A new method is a module with a LabelSource subclass (with `from_config`)
-# and one line here.
-LABEL_SOURCES: dict[str, Any] = {
+# Label sources by name. cluster.method picks one of the pseudo-label methods for the teacher and
+# the student (and for the student's warm-up on the teacher's features; the schema's enum of
+# cluster.method lists these names); the supervised stages use "true_identities". A new method is
+# a module with a LabelSource subclass (with `from_config`), one line here and its name in that enum.
+PSEUDO_LABEL_METHODS: dict[str, Any] = {
     "multiview_dbscan": PseudoLabels,
-    "true_identities": TrueLabels,
 }
+LABEL_SOURCES: dict[str, Any] = {**PSEUDO_LABEL_METHODS, "true_identities": TrueLabels}
 
 
 def label_source(name: str, config: Mapping[str, Any], records: Sequence[Any], *,

@@ -1,8 +1,10 @@
 """Multi-view ResNet of SPEC §2, with optional ghost BatchNorm (``bn_groups``).
 
-The backbone's modules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ...)
-directly on the model, so a torchvision ResNet state_dict loads into it key for key
-(its ``fc.*`` entries are dropped: the model has no classifier).
+Backbones come from the registry purireid.model.backbones (one entry per ``model.arch``:
+constructor, ImageNet weights, feature dimension, layer names). The trunk's modules keep
+torchvision's names (``conv1``, ``bn1``, ``layer1`` ...) directly on the model, so a
+torchvision state_dict loads into it key for key (its ``fc.*`` entries are dropped: the model
+has no classifier).
 """
 
 from __future__ import annotations
@@ -18,30 +20,27 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 
 from purireid import VIEWS
+from purireid.model.backbones import BACKBONES, Backbone
 from purireid.model.batchnorm import set_bn_groups
 
 __all__ = [
     "GeM",
     "INPUT_NORMS",
     "MultiViewResNet",
+    "backbone",
     "build_model",
+    "fold_batchnorm",
     "imagenet_weights_path",
     "input_norm_of",
     "standardise_per_image",
 ]
 
-# arch -> (torchvision constructor, weights enums in order of preference).
-# IMAGENET1K_V1 first: it is what `pretrained=True` gave the authors' code.
-_ARCHS = {
-    "resnet18": (tvm.resnet18, (tvm.ResNet18_Weights.IMAGENET1K_V1,)),
-    "resnet34": (tvm.resnet34, (tvm.ResNet34_Weights.IMAGENET1K_V1,)),
-    "resnet50": (
-        tvm.resnet50,
-        (tvm.ResNet50_Weights.IMAGENET1K_V1, tvm.ResNet50_Weights.IMAGENET1K_V2),
-    ),
-}
 
-_BACKBONE_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+def backbone(arch: str) -> Backbone:
+    """The registry entry of `arch` (ValueError naming the choices for an unknown one)."""
+    if arch not in BACKBONES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[arch]
 
 
 # --------------------------------------------------------------------------- model
@@ -97,20 +96,19 @@ class MultiViewResNet(nn.Module):
     ``"per_image"`` first standardises each image's channels (:func:`standardise_per_image`).
     """
 
-    def __init__(self, resnet: tvm.ResNet, bn_groups: int = 1, input_norm: str = "imagenet") -> None:
+    def __init__(self, arch: str, bn_groups: int = 1, input_norm: str = "imagenet") -> None:
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {list(INPUT_NORMS)}")
-        self.input_norm = input_norm
-        layer4_first = resnet.layer4[0]
-        # Last stride 1 (SPEC §2): the strided conv of layer4's first block + its shortcut.
-        strided = layer4_first.conv2 if isinstance(layer4_first, tvm.resnet.Bottleneck) else layer4_first.conv1
-        strided.stride = (1, 1)
-        if layer4_first.downsample is not None:
-            layer4_first.downsample[0].stride = (1, 1)
-        for name in _BACKBONE_NAMES:
-            setattr(self, name, getattr(resnet, name))
-        self.feat_dim = int(resnet.fc.in_features)
+        spec = backbone(arch)
+        self.arch, self.input_norm = arch, input_norm
+        self.trunk_names = spec.trunk
+        trunk = getattr(tvm, spec.constructor)(weights=None)
+        for path in spec.stride_one:  # last stride 1 (SPEC §2): layer4's strided conv + its shortcut
+            trunk.get_submodule(path).stride = (1, 1)
+        for name in spec.trunk:
+            setattr(self, name, getattr(trunk, name))
+        self.feat_dim = spec.feat_dim
         self.pools = nn.ModuleDict({v: GeM(3.0) for v in VIEWS})
         self.necks = nn.ModuleDict({v: _neck(self.feat_dim) for v in VIEWS})
         set_bn_groups(self, bn_groups)
@@ -119,7 +117,7 @@ class MultiViewResNet(nn.Module):
         """The layer4 map ``[B, feat_dim, H/16, W/16]``."""
         if self.input_norm == "per_image":
             x = standardise_per_image(x)
-        for name in _BACKBONE_NAMES:
+        for name in self.trunk_names:
             x = getattr(self, name)(x)
         return x
 
@@ -140,10 +138,14 @@ def imagenet_weights_path(arch: str) -> list[Path]:
 
     ``torch.hub.get_dir()/checkpoints/<torchvision's file name>``; nothing is downloaded.
     """
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(_ARCHS)}")
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    return [ckpt_dir / os.path.basename(w.url) for w in _ARCHS[arch][1]]
+    return [ckpt_dir / os.path.basename(_weights_enum(name).url) for name in backbone(arch).weights]
+
+
+def _weights_enum(name: str) -> object:
+    """torchvision's weights object of "<Enum>.<member>" (e.g. ResNet50_Weights.IMAGENET1K_V1)."""
+    enum, member = name.split(".")
+    return getattr(getattr(tvm, enum), member)
 
 
 def _unwrap_state_dict(obj: object, source: str) -> dict[str, Tensor]:
@@ -162,7 +164,7 @@ def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str
     """Load a torchvision ResNet state_dict (fc ignored) or a full MultiViewResNet one."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
-    own_backbone = {k for k in own if k.split(".")[0] in _BACKBONE_NAMES}
+    own_backbone = {k for k in own if k.split(".")[0] in model.trunk_names}
     head = set(own) - own_backbone
     keys = set(state)
     # Either exactly the backbone, or the backbone plus the views' heads.
@@ -198,10 +200,7 @@ def build_model(
     state_dict (torchvision ResNet layout, or a full MultiViewResNet one). ``input_norm``: see
     :class:`MultiViewResNet` (not part of the weights: a checkpoint records it in its config).
     """
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(_ARCHS)}")
-    ctor = _ARCHS[arch][0]
-    model = MultiViewResNet(ctor(weights=None), bn_groups=1, input_norm=input_norm)
+    model = MultiViewResNet(arch, bn_groups=1, input_norm=input_norm)
     pretrained = str(pretrained)
 
     if pretrained == "none":
@@ -238,7 +237,22 @@ def build_model(
 
 
 def _torch_load(path: Path) -> object:
+    from purireid.io.files import torch_load  # the one torch.load (weights_only)
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
     except Exception as exc:  # corrupt file, pickle with code, ...
         raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+
+
+def fold_batchnorm(model: MultiViewResNet) -> MultiViewResNet:
+    """The eval-mode model with every trunk BatchNorm2d folded into the convolution before it
+    (in place; the views' heads are left alone). Same function up to float rounding. The pairs
+    are the backbone registry's (`Backbone.conv_bn_pairs`)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for parent, conv, bn in backbone(model.arch).conv_bn_pairs(model):
+        parent._modules[conv] = fuse_conv_bn_eval(parent._modules[conv], parent._modules[bn])
+        parent._modules[bn] = nn.Identity()
+    return model

@@ -1,36 +1,37 @@
 """Using a trained model outside the workflow: checkpoints, `FeatureExtractor`, image lists, feature files.
 
-The `purireid` command (purireid.serving.cli) is a thin layer over this module:
+The `purireid` command (purireid.serving.cli) is a thin layer over this module, and this module
+over the library:
 
-* `read_checkpoint` opens a stage checkpoint (`model.pth` of train_teacher / train_student: a dict
-  with state_dict, arch, feat_dim, config, ...) and refuses anything else with a message naming
-  the file. The input size comes from the checkpoint's own config (data.height x data.width).
+* `read_checkpoint` (purireid.io.checkpoints, the one reader of torch files) opens a stage
+  checkpoint (`model.pth` of train_teacher / train_student) and refuses anything else with one
+  line saying what the file is. The input size comes from the checkpoint's own config.
 * `FeatureExtractor(checkpoint, device=...)` gives L2-normalised eval-mode features, the global
-  view by default (the one retrieval uses, SPEC §2), all three on request. Images get the test
-  transform of the evaluate stage (bicubic resize, ImageNet normalisation) and are decoded by a
-  thread pool one batch ahead of the network, so the features equal the evaluate stage's.
+  view by default (the one retrieval uses, SPEC §2), all three on request: the stages' extractor
+  (purireid.evaluation.inference.feature_batches) over `image_batches`, which decode and
+  normalise with the test transform's functions, so the features equal the evaluate stage's.
 * `collect_images` turns files, folders (recursive) and manifests into one ordered list.
-* `write_feature_file` / `read_feature_file`: the HDF5 file of `purireid extract` (features,
-  image paths, the checkpoint's sha256, the input size), written atomically, and
-  `check_same_model`, which refuses to compare features of two models or input sizes.
+* `write_feature_file` / `read_feature_file`: the HDF5 feature file (purireid.io.features, the
+  layout the teacher features share) with the image paths, the checkpoint's sha256 and the input
+  size, and `check_same_model`, which refuses to compare features of two models, input sizes or
+  dimensions.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from purireid import VIEWS, __version__
+from purireid import VIEWS
+from purireid.io.checkpoints import Checkpoint, describe_file, file_kind, read_checkpoint
+from purireid.io.features import FeatureFile
+from purireid.model.network import fold_batchnorm
 from purireid.runtime.distributed import DeviceUnavailable
 from purireid.runtime.distributed import resolve_device as resolve_configured_device
 
@@ -40,12 +41,8 @@ __all__ = [
     "resolve_views", "write_feature_file",
 ]
 
-log = logging.getLogger("purireid.serving.api")
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-FEATURE_FILE_FORMAT = "purireid-features"
-FEATURE_FILE_VERSION = 1
-_LOG_EVERY_S = 30.0  # plain progress lines when stderr is not a terminal
+EXTRACT_FIX = "feature files are written by `purireid extract CHECKPOINT IMAGES... --out FILE`"
 
 
 class InputError(ValueError):
@@ -72,67 +69,6 @@ def resolve_views(views: str | Sequence[str]) -> tuple[str, ...]:
     if bad or not views:
         raise InputError(f"unknown view(s) {bad or list(views)}: choose among {list(VIEWS)} or 'all'")
     return tuple(v for v in VIEWS if v in views)  # canonical order
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A stage checkpoint, read and checked: what is needed to rebuild its model."""
-
-    path: Path
-    sha256: str
-    arch: str
-    feat_dim: int
-    input_size: tuple[int, int]  # (height, width) the model was trained and evaluated at
-    config: dict
-    state_dict: dict = field(repr=False)
-
-    def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The model in eval mode on `device`, with the checkpoint's weights."""
-        from purireid.model.network import build_model, input_norm_of
-
-        model = build_model(self.arch, pretrained="none", input_norm=input_norm_of(self.config))
-        try:
-            model.load_state_dict(self.state_dict)
-        except RuntimeError as exc:
-            raise InputError(f"{self.path}: its weights do not fit a purireid {self.arch} "
-                             f"({str(exc).splitlines()[0]}); was the file edited or written by another "
-                             "program? Use the model.pth written by train_teacher / train_student") from None
-        return model.to(device).eval()
-
-
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a `model.pth` written by the train_teacher / train_student stages; clear errors otherwise."""
-    from purireid.io.files import sha256_file
-
-    path = Path(path)
-    fix = ("give the model.pth written by the train_teacher or train_student rule "
-           "(results/<dataset>/student/model.pth)")
-    if not path.is_file():
-        raise InputError(f"checkpoint {path}: no such file; {fix}")
-    try:
-        # weights_only: a checkpoint holds tensors and plain config values; a file that needs
-        # arbitrary code to load is not one of ours and is never executed.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, pickle with code, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path} is not a purireid checkpoint (torch cannot read it: {first[:200]}); {fix}") from None
-    needed = ("state_dict", "arch", "feat_dim", "config")
-    missing = [k for k in needed if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        what = "a bare state_dict" if isinstance(obj, dict) and obj and all(
-            isinstance(v, torch.Tensor) for v in obj.values()) else f"a {type(obj).__name__}"
-        raise InputError(f"{path} is not a purireid checkpoint: it is {what} without the key(s) "
-                         f"{', '.join(missing)}; {fix}")
-    data = obj["config"].get("data", {}) if isinstance(obj["config"], dict) else {}
-    try:
-        size = (int(data["height"]), int(data["width"]))
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: its config lacks data.height / data.width (the input size); {fix}") from None
-    return Checkpoint(path=path, sha256=sha256_file(path), arch=str(obj["arch"]), feat_dim=int(obj["feat_dim"]),
-                      input_size=size, config=dict(obj["config"]), state_dict=obj["state_dict"])
 
 
 # --------------------------------------------------------------------------- image lists
@@ -184,6 +120,10 @@ def collect_images(sources: Iterable[str | Path], *, root: str | Path | None = N
         elif src.is_file() and _is_image(src):
             images.append(str(src.resolve()))
         elif src.is_file():
+            kind = file_kind(src)
+            if kind not in ("text", "empty file"):
+                raise InputError(f"{src} is {describe_file(src)}, not an image, a folder of images or a manifest "
+                                 f"(a text file listing image paths); image files end in {', '.join(IMAGE_SUFFIXES)}")
             base = Path(root) if root is not None else src.parent
             entries = [Path(e) if Path(e).is_absolute() else base / e for e in _manifest_entries(src, split)]
             if not entries:
@@ -204,24 +144,6 @@ def collect_images(sources: Iterable[str | Path], *, root: str | Path | None = N
 # --------------------------------------------------------------------------- extraction
 
 
-def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """The eval-mode model with every backbone BatchNorm2d folded into the convolution before it
-    (in place; the views' heads are left alone). Same function up to float rounding."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model.eval()
-    pairs = [(model, "conv1", "bn1")]
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in layer:
-            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
-            if block.downsample is not None:
-                pairs.append((block.downsample, "0", "1"))
-    for parent, conv, bn in pairs:
-        parent._modules[conv] = fuse_conv_bn_eval(parent._modules[conv], parent._modules[bn])
-        parent._modules[bn] = torch.nn.Identity()
-    return model
-
-
 @dataclass
 class Extraction:
     """Features of the images that could be read, in input order, and the ones that could not."""
@@ -229,18 +151,6 @@ class Extraction:
     features: dict[str, np.ndarray]  # view -> float32 [N, D], L2-normalised rows
     paths: list[str]
     skipped: list[tuple[str, str]]  # (path, reason)
-
-
-def _decode(path: str, height: int, width: int) -> np.ndarray:
-    from purireid.data.transforms import load_resized
-
-    return np.asarray(load_resized(path, height, width), dtype=np.uint8)
-
-
-def _from_pil(image: Any, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.uint8)
 
 
 class FeatureExtractor:
@@ -298,169 +208,72 @@ class FeatureExtractor:
         result = self.extract(images, views=wanted, progress=False)
         return result.features[wanted[0]] if len(wanted) == 1 else result.features
 
-    @torch.inference_mode()
-    def forward_batch(self, batch: np.ndarray, views: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Features of a uint8 [B, H, W, 3] batch of resized RGB images."""
-        from purireid.data.transforms import normalise_batch
-        from purireid.evaluation.inference import autocast_context
-
-        # uint8 to the device (a quarter of the bytes of float32), normalised there.
-        x = normalise_batch(torch.from_numpy(batch).to(self.device))
-        if (self.channels_last and self.device.type == "cuda") or self.cpu_fast_path:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.device, self.amp):
-            out = self.model(x)
-        return {v: torch.nn.functional.normalize(out[v].float(), dim=1).cpu().numpy()
-                for v in (views or self.views)}
-
     def extract(self, images: Sequence[Any], *, views: str | Sequence[str] | None = None,
                 skip_unreadable: bool = False, progress: bool | None = None,
                 on_skip: Callable[[str, str], None] | None = None) -> Extraction:
         """Features of every readable image. An unreadable one raises InputError naming it, or
         with `skip_unreadable` is left out (reported through `on_skip(path, reason)` and in
-        `Extraction.skipped`). `progress`: a bar (None = only when stderr is a terminal)."""
-        from tqdm import tqdm
+        `Extraction.skipped`). `progress`: a bar on a terminal, plain log lines elsewhere (None,
+        the default), or nothing (False)."""
+        from purireid.evaluation.inference import UnreadableImage, feature_batches, image_batches
 
         wanted = self.views if views is None else resolve_views(views)
-        height, width = self.input_size
-        n = len(images)
-        chunks: dict[str, list[np.ndarray]] = {v: [] for v in wanted}
-        kept: list[str] = []
         skipped: list[tuple[str, str]] = []
-        bar = tqdm(total=n, unit="img", desc="extract", disable=None if progress is None else not progress,
-                   leave=False, mininterval=1.0)
-        last_log, done = time.monotonic(), 0
-        with ThreadPoolExecutor(self.workers) as pool:
-            for names, futures in self._prefetch(pool, images, height, width):
-                arrays = []
-                for name, future in zip(names, futures):
-                    try:
-                        arrays.append((name, future.result()))
-                    except Exception as exc:  # noqa: BLE001 - any decoder failure is the image's
-                        reason = f"{type(exc).__name__}: {exc}"
-                        if not skip_unreadable:
-                            bar.close()
-                            raise InputError(f"cannot read image {name} ({reason}); fix or remove it, or pass "
-                                             "--skip-unreadable (skip_unreadable=True) to leave unreadable "
-                                             "images out") from None
-                        skipped.append((name, reason))
-                        if on_skip is not None:
-                            on_skip(name, reason)
-                if arrays:
-                    feats = self.forward_batch(np.stack([a for _, a in arrays]), wanted)
-                    for v in wanted:
-                        chunks[v].append(feats[v])
-                    kept += [name for name, _ in arrays]
-                bar.update(len(names))
-                done += len(names)
-                if bar.disable and progress is None and time.monotonic() - last_log > _LOG_EVERY_S:
-                    last_log = time.monotonic()  # plain lines where there is no bar (log files)
-                    log.info("extract: %d / %d images", done, n)
-        bar.close()
+
+        def unreadable(name: str, reason: str) -> None:
+            skipped.append((name, reason))
+            if on_skip is not None:
+                on_skip(name, reason)
+
+        height, width = self.input_size
+        batches = image_batches(images, height, width, self.batch_size, workers=self.workers,
+                                on_unreadable=unreadable if skip_unreadable else None)
+        channels_last = (self.channels_last and self.device.type == "cuda") or self.cpu_fast_path
+        chunks: dict[str, list[np.ndarray]] = {v: [] for v in wanted}
+        kept: list[int] = []
+        try:
+            for feats, indices in feature_batches(self.model, batches, self.device, amp=self.amp,
+                                                  channels_last=channels_last, views=wanted, desc="extract",
+                                                  progress=progress is not False):
+                for v in wanted:
+                    chunks[v].append(feats[v].numpy())
+                kept += indices.tolist()
+        except UnreadableImage as err:
+            raise InputError(f"{err}; fix or remove it, or pass --skip-unreadable (skip_unreadable=True) to leave "
+                             "unreadable images out") from None
         dim = self.feat_dim
         features = {v: (np.concatenate(chunks[v]) if chunks[v] else np.zeros((0, dim), np.float32)) for v in wanted}
-        return Extraction(features=features, paths=kept, skipped=skipped)
-
-    def _prefetch(self, pool: ThreadPoolExecutor, images: Sequence[Any], height: int, width: int
-                  ) -> Iterator[tuple[list[str], list[Future]]]:
-        """Batches of (names, decode futures), decoding the next batch while this one runs."""
-        def submit(start: int) -> tuple[list[str], list[Future]]:
-            items = images[start:start + self.batch_size]
-            names, futures = [], []
-            for i, item in enumerate(items):
-                if isinstance(item, (str, Path)):
-                    names.append(str(item))
-                    futures.append(pool.submit(_decode, str(item), height, width))
-                else:  # a PIL image
-                    names.append(f"<image {start + i}>")
-                    futures.append(pool.submit(_from_pil, item, height, width))
-            return names, futures
-
-        pending: deque = deque(submit(s) for s in range(0, min(len(images), 2 * self.batch_size), self.batch_size))
-        next_start = 2 * self.batch_size
-        while pending:
-            current = pending.popleft()
-            if next_start < len(images):
-                pending.append(submit(next_start))
-                next_start += self.batch_size
-            yield current
+        names = [str(images[i]) if isinstance(images[i], (str, Path)) else f"<image {i}>" for i in kept]
+        return Extraction(features=features, paths=names, skipped=skipped)
 
 
 # --------------------------------------------------------------------------- feature files
 
 
-@dataclass
-class FeatureFile:
-    """The content of a feature file written by `purireid extract`."""
-
-    path: Path
-    features: dict[str, np.ndarray]
-    paths: list[str]
-    checkpoint_sha256: str
-    checkpoint_path: str
-    arch: str
-    input_size: tuple[int, int]
-    skipped: list[str]
-
-    @property
-    def feat_dim(self) -> int:
-        return int(next(iter(self.features.values())).shape[1])
-
-
 def write_feature_file(path: str | Path, extraction: Extraction, checkpoint: Checkpoint) -> None:
-    """Write the features, the image paths and the model's provenance atomically (HDF5)."""
-    import h5py
+    """Write the features, the image paths and the model's provenance atomically (purireid.io.features)."""
+    from purireid.io.features import write_feature_file as write
 
-    from purireid.io.files import atomic_path
-
-    strings = h5py.string_dtype()
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        group = h5.create_group("features")
-        for view, array in extraction.features.items():
-            group.create_dataset(view, data=np.asarray(array, dtype=np.float32))
-        h5.create_dataset("paths", data=np.asarray(extraction.paths, dtype=object), dtype=strings)
-        h5.create_dataset("skipped", data=np.asarray([p for p, _ in extraction.skipped], dtype=object), dtype=strings)
-        h5.attrs.update({
-            "format": FEATURE_FILE_FORMAT, "format_version": FEATURE_FILE_VERSION,
-            "checkpoint_sha256": checkpoint.sha256, "checkpoint_path": str(checkpoint.path.resolve()),
-            "arch": checkpoint.arch, "feat_dim": checkpoint.feat_dim,
-            "input_height": checkpoint.input_size[0], "input_width": checkpoint.input_size[1],
-            "purireid_version": __version__,
-        })
+    write(path, extraction.features, extraction.paths, kind="extract", checkpoint_sha256=checkpoint.sha256,
+          input_size=checkpoint.input_size, skipped=[p for p, _ in extraction.skipped],
+          attrs={"checkpoint_path": str(checkpoint.path.resolve()), "arch": checkpoint.arch,
+                 "feat_dim": checkpoint.feat_dim})
 
 
 def read_feature_file(path: str | Path) -> FeatureFile:
-    """Read a file of `purireid extract`; a clear InputError for anything else."""
-    import h5py
+    """Read a feature file (of `purireid extract`, or the workflow's teacher features); anything
+    else is refused with one line saying what it is (FeatureFileMismatch)."""
+    from purireid.io.features import FeatureFileMismatch
+    from purireid.io.features import read_feature_file as read
 
-    path = Path(path)
-    fix = "write it with `purireid extract CHECKPOINT IMAGES... --out FILE`"
-    if not path.is_file():
-        raise InputError(f"feature file {path}: no such file; {fix}")
-    try:
-        with h5py.File(path, "r") as h5:
-            if h5.attrs.get("format") != FEATURE_FILE_FORMAT:
-                kind = (" (it looks like the workflow's teacher-feature file of the train images)"
-                        if "checkpoint_sha256" in h5.attrs and "config" in h5.attrs else "")
-                raise InputError(f"{path} is not a feature file of `purireid extract`{kind}; {fix}")
-            features = {v: h5[f"features/{v}"][()] for v in VIEWS if f"features/{v}" in h5}
-            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
-            skipped = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["skipped"][()]]
-            attrs = dict(h5.attrs)
-    except InputError:
-        raise
-    except Exception as exc:  # truncated or foreign HDF5, missing datasets
-        raise InputError(f"{path}: cannot read it as a purireid feature file ({str(exc).splitlines()[0]}); "
-                         f"if a run was interrupted, delete it and {fix}") from None
-    if not features or any(len(f) != len(paths) for f in features.values()):
-        raise InputError(f"{path}: features and image paths disagree in length; delete it and {fix}")
-    return FeatureFile(path=path, features=features, paths=paths, checkpoint_sha256=str(attrs["checkpoint_sha256"]),
-                       checkpoint_path=str(attrs.get("checkpoint_path", "")), arch=str(attrs.get("arch", "")),
-                       input_size=(int(attrs["input_height"]), int(attrs["input_width"])), skipped=skipped)
+    stored = read(path, fix=EXTRACT_FIX)
+    if stored.input_size is None:
+        raise FeatureFileMismatch(f"{path}: it does not record the input size of its model; {EXTRACT_FIX}")
+    return stored
 
 
 def check_same_model(a: FeatureFile | Checkpoint, b: FeatureFile) -> None:
-    """Refuse to compare features of two different checkpoints or input sizes (naming both)."""
+    """Refuse to compare features of two different checkpoints, input sizes or dimensions (naming both)."""
     def name(x: FeatureFile | Checkpoint) -> str:
         return f"{'checkpoint' if isinstance(x, Checkpoint) else 'feature file'} {x.path}"
 
@@ -471,6 +284,8 @@ def check_same_model(a: FeatureFile | Checkpoint, b: FeatureFile) -> None:
     if tuple(a.input_size) != tuple(b.input_size):
         problems.append(f"different input sizes ({a.input_size[0]}x{a.input_size[1]} vs "
                         f"{b.input_size[0]}x{b.input_size[1]})")
+    if a.feat_dim != b.feat_dim:
+        problems.append(f"features of different dimensions ({a.feat_dim} vs {b.feat_dim})")
     if problems:
         raise InputError(
             f"{name(a)} and {name(b)} come from {' and '.join(problems)}: their features cannot be compared. "

@@ -1,36 +1,118 @@
 """The `purireid` command: extract, search, export, doctor (argparse; the work is in purireid.serving.api,
 purireid.serving.search, purireid.serving.export and purireid.serving.doctor).
 
-Exit status: 0 success, 1 failure (bad input named with its fix, a failed parity check, doctor
-findings), 2 usage errors (argparse's convention).
+Exit status: 0 success, 1 failure (bad input named with its fix, an unwritable --out, a failed
+parity check, doctor findings), 2 usage errors (argparse's convention: a missing or unknown
+option, a bad option value). Every error is one line, "purireid COMMAND: error: ...", naming the
+option or file and the fix; no traceback. The output location (--out) is checked before
+anything is read or computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 EPILOG = "Every subcommand has its own --help. README.md, section 'Using a trained model', shows them in use."
+# Options people reach for that have another name here.
+_OPTION_ALIASES = {"--k": "--topk", "-k": "--topk", "--top-k": "--topk", "--output": "--out", "-o": "--out"}
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; an option's default appended to its help only where it says
+    something: not for required options, flags, options without a default (None), nor where
+    the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (exit status 2) pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def writable_output(path: str | Path, *, option: str = "--out", folder: bool = False) -> Path:
+    """Check, before any work, that the file (or, with `folder`, the folder) `path` can be written:
+    it is not an existing folder (file) itself, the nearest existing folder above it is a folder,
+    and a file can be created there (permissions, read-only file systems, /proc, ...). Missing
+    folders are left to the writer, which creates them. InputError naming `option` otherwise."""
+    from purireid.serving.api import InputError
+
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise InputError(f"{option} {path} is an existing folder; give the path of a file to write in it, "
+                         f"e.g. {option} {path / 'NAME'}")
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is an existing file; give a folder (created if missing)")
+    above = path if folder else path.parent
+    above = above if str(above) else Path(".")
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise InputError(f"{option} {path}: {above} is a file, not a folder; choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".purireid-write-test.", dir=above)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "a read-only file system",
+                  errno.ENOENT: "its file system takes no new files"}.get(exc.errno, exc.strerror or str(exc))
+        raise InputError(f"{option} {path}: cannot create files in {above} ({reason}); choose a folder you can "
+                         "write to") from None
+    return path
+
+
 # --------------------------------------------------------------------------- extract
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from purireid.serving.api import FeatureExtractor, collect_images, write_feature_file
+    from purireid.serving.api import FeatureExtractor, InputError, collect_images, write_feature_file
 
+    writable_output(args.out)
     images = collect_images(args.images, root=args.root, split=args.split)
     fx = FeatureExtractor(args.checkpoint, device=args.device, views=args.views, batch_size=args.batch_size,
                           workers=args.workers, cpu_fast_path=False if args.no_fold else None)
@@ -43,8 +125,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                             "skipped unreadable image %s (%s)", path, why))
     seconds = time.perf_counter() - start
     if not result.paths:
-        _say(f"extract: error: none of the {len(images)} images could be read; nothing written")
-        return 1
+        raise InputError(f"none of the {len(images)} images could be read (all skipped as unreadable); "
+                         f"{args.out} was not written")
     write_feature_file(args.out, result, fx.checkpoint)
     skipped = f", {len(result.skipped)} unreadable skipped (listed in the file's /skipped)" if result.skipped else ""
     _say(f"extract: wrote {len(result.paths)} x {fx.feat_dim}-d features to {args.out} "
@@ -56,10 +138,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features, paths, source)
+    from purireid.io.checkpoints import file_kind
     from purireid.serving.api import FeatureExtractor, InputError, check_same_model, collect_images, read_feature_file
 
     sources = args.query
-    if len(sources) == 1 and Path(sources[0]).suffix.lower() in (".h5", ".hdf5"):
+    if len(sources) == 1 and (Path(sources[0]).suffix.lower() in (".h5", ".hdf5") or file_kind(sources[0]) == "hdf5"):
         query = read_feature_file(sources[0])
         check_same_model(query, gallery)
         return query.features["global"] if "global" in query.features else None, query.paths, str(query.path)
@@ -67,9 +150,9 @@ def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features
     if not checkpoint or not Path(checkpoint).is_file():
         raise InputError(f"query images need the model that made {gallery.path}: its checkpoint "
                          f"{gallery.checkpoint_path or '(not recorded)'} is not there; give it with --checkpoint FILE")
+    images = collect_images(sources)
     fx = FeatureExtractor(checkpoint, device=args.device, views="global")
     check_same_model(fx.checkpoint, gallery)
-    images = collect_images(sources)
     result = fx.extract(images, skip_unreadable=args.skip_unreadable,
                         on_skip=lambda path, why: logging.getLogger("purireid.serving.search").warning(
                             "skipped unreadable query image %s (%s)", path, why))
@@ -80,11 +163,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     import numpy as np
 
     from purireid.serving.api import InputError, read_feature_file, resolve_device
-    from purireid.serving.search import (exact_search, market_identities, protocol_metrics, ranked_lists, rerank_search,
-                                 write_ranked_html, write_ranked_json)
+    from purireid.serving.search import (DISTANCES, exact_search, market_identities, protocol_metrics, ranked_lists,
+                                         rerank_search, write_ranked_html, write_ranked_json)
 
-    if args.topk < 1:
-        raise InputError(f"--topk must be >= 1, got {args.topk}")
+    out = writable_output(args.out, folder=True)
     gallery = read_feature_file(args.gallery)
     if "global" not in gallery.features:
         raise InputError(f"{gallery.path} holds no global-view features (views: {', '.join(gallery.features)}); "
@@ -103,20 +185,22 @@ def cmd_search(args: argparse.Namespace) -> int:
         junk_dropped = int((~keep).sum())
         g, g_paths = g[keep], [p for p, k in zip(g_paths, keep) if k]
         g_ids = (g_ids[0][keep], g_ids[1][keep])
+    if not g_paths:
+        raise InputError(f"{gallery.path} leaves no gallery images to search (all {junk_dropped} are junk, pid -1)")
     device = resolve_device(args.device)
+    topk = min(args.topk, len(g_paths))  # what each list holds
     start = time.perf_counter()
     reranked = None
     if args.rerank:
-        result, reranked = rerank_search(query, g, args.topk)
+        result, reranked = rerank_search(query, g, topk)
     else:
-        result = exact_search(query, g, args.topk, backend=args.backend, device=device)
+        result = exact_search(query, g, topk, backend=args.backend, device=device)
     seconds = time.perf_counter() - start
-    out = Path(args.out)
     ranked = ranked_lists(result, query_paths, g_paths, q_ids, g_ids)
     meta = {"gallery": str(gallery.path), "query": source, "checkpoint_sha256": gallery.checkpoint_sha256,
-            "input_size": list(gallery.input_size), "topk": args.topk, "rerank": bool(args.rerank),
-            "distance": "k-reciprocal re-ranked" if args.rerank else "squared Euclidean (exact)",
-            "junk_dropped": junk_dropped}
+            "input_size": list(gallery.input_size), "topk": topk,
+            **({"topk_requested": args.topk} if args.topk != topk else {}), "rerank": bool(args.rerank),
+            "distance": DISTANCES[bool(args.rerank)], "junk_dropped": junk_dropped}
     metrics_line = ""
     if q_ids is not None and g_ids is not None:
         try:
@@ -140,10 +224,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     write_ranked_json(out / "ranked.json", ranked, meta)
     summary = f"{len(query_paths)} queries over {len(g_paths)} gallery images; " + (metrics_line or
               "identities unknown (file names not Market-style), no metrics")
-    write_ranked_html(out / "index.html", ranked, title=f"purireid search: {gallery.path.name}", summary=summary)
+    write_ranked_html(out / "index.html", ranked, title=f"purireid search: {gallery.path.name}", summary=summary,
+                      distance=DISTANCES[bool(args.rerank)])
     if junk_dropped:
         _say(f"search: {junk_dropped} junk gallery images (pid -1) left out, as the evaluation protocol does")
-    _say(f"search: {len(query_paths)} queries x {len(g_paths)} gallery, top {args.topk} in {seconds:.3f} s"
+    capped = f" (--topk {args.topk}: the gallery holds {len(g_paths)})" if args.topk != topk else ""
+    _say(f"search: {len(query_paths)} queries x {len(g_paths)} gallery, top {topk}{capped} in {seconds:.3f} s"
          + (" (re-ranked)" if args.rerank else ""))
     if metrics_line:
         _say(f"search: {metrics_line}")
@@ -157,6 +243,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from purireid.serving.export import export_model
 
+    writable_output(args.out)
     report = export_model(args.checkpoint, args.out, fmt=args.format, views=args.views, opset=args.opset,
                           tolerance=args.tolerance)
     height, width = report.input_size
@@ -205,9 +292,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from purireid import __version__
 
-    parser = argparse.ArgumentParser(prog="purireid", description="Use a trained purireid model: features of "
-                                     "your own images, gallery search, export, and a check of this machine.",
-                                     epilog=EPILOG)
+    parser = _Parser(prog="purireid", description="Use a trained purireid model: features of "
+                     "your own images, gallery search, export, and a check of this machine.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"purireid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -218,15 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model.pth written by the train_teacher / train_student rule")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or manifests "
                    "(one path a line, or a CSV with a 'path' column such as purireid's manifest.csv)")
-    p.add_argument("--out", required=True, help="the HDF5 file to write")
+    p.add_argument("--out", required=True, help="the HDF5 file to write (missing folders are created)")
     p.add_argument("--root", help="folder that relative paths in a manifest start from (default: the manifest's folder)")
     p.add_argument("--split", help="with a CSV manifest that has a 'split' column: only this split (e.g. query)")
     p.add_argument("--views", default="global", choices=["global", "all"], help="the global view (used for "
                    "retrieval) or all three views")
     p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the checkpoint's "
-                   "data.test_batch_size, else 64)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--batch-size", type=_at_least(1), default=None, help="images per batch (default: the "
+                   "checkpoint's data.test_batch_size, else 64)")
+    p.add_argument("--workers", type=_at_least(1), default=2, help="image-decoding threads")
     p.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out with a warning "
                    "(default: stop, naming the image)")
     p.add_argument("--no-fold", action="store_true", help="on the CPU, run ResNet-50 as the evaluate stage does "
@@ -240,19 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "DIR/index.html; with Market-style file names (0002_c1s1_000451_03.jpg) it also prints "
                        "mAP and Rank-k under the evaluate stage's protocol.\n\n"
                        "  purireid search --gallery gallery.h5 --query query.h5 --out ranked/")
-    p.add_argument("--gallery", required=True, help="feature file of `purireid extract`")
+    p.add_argument("--gallery", required=True, help="feature file of `purireid extract` (or the workflow's "
+                   "teacher features)")
     p.add_argument("--query", required=True, nargs="+", help="a feature file of `purireid extract` from the "
                    "same checkpoint, or query images / folders / manifests (then extracted with --checkpoint)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--topk", type=int, default=10, help="gallery images listed per query")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--topk", type=_at_least(1), default=10, help="gallery images listed per query; at most "
+                   "the whole gallery")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3); "
                    "builds the whole query x gallery matrix")
     p.add_argument("--checkpoint", help="for query images: the checkpoint (default: the one recorded in the gallery file)")
     p.add_argument("--backend", default="auto", choices=["auto", "bf16", "faiss", "torch"],
-                   help="candidate scan of the exact search (results are identical): bf16 on CPUs with bf16 "
-                   "units, faiss flat L2 (CPU, or GPU with faiss-gpu), float32 torch (CPU or CUDA)")
+                   help="candidate scan of the exact search (results are identical): auto (the float32 GEMM on "
+                   "a GPU, the fastest in a short timing on a CPU), bf16 (CPU), faiss flat L2 (CPU, or GPU "
+                   "with faiss-gpu), float32 torch (CPU or CUDA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when there), cpu, cuda or cuda:N")
-    p.add_argument("--max-rank", type=int, default=50, help="CMC length for the metrics")
+    p.add_argument("--max-rank", type=_at_least(1), default=50, help="CMC length for the metrics")
     p.add_argument("--skip-unreadable", action="store_true", help="for query images: leave unreadable ones out")
     p.set_defaults(func=cmd_search)
 
@@ -265,11 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "exported model matches PyTorch on a test batch within --tolerance.\n\n"
                        "  purireid export results/market1501/student/model.pth --format onnx --out student.onnx")
     p.add_argument("checkpoint", help="model.pth written by the train_teacher / train_student rule")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--out", required=True, help="the file to write")
-    p.add_argument("--views", default="global", choices=["global", "all"])
-    p.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx (opset --opset, run "
+                   "with onnxruntime) or torchscript (torch.jit.load, no purireid needed)")
+    p.add_argument("--out", required=True, help="the file to write (missing folders are created)")
+    p.add_argument("--views", default="global", choices=["global", "all"], help="outputs of the exported "
+                   "model: the global feature (used for retrieval), or all three views")
+    p.add_argument("--opset", type=_at_least(ONNX_OPSET), default=ONNX_OPSET, help="ONNX opset")
+    p.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
                    help="largest allowed absolute difference of the normalised features")
     p.set_defaults(func=cmd_export)
 
@@ -291,17 +382,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognised(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> None:
+    """Refuse unknown arguments as the subcommand's usage error, suggesting the option meant."""
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    target = commands.get(command, parser)
+    known = [o for a in target._actions for o in a.option_strings]
+    hints = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        meant = _OPTION_ALIASES.get(name)
+        if meant not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            meant = close[0] if close else None
+        if meant:
+            hints.append(f"{name}: did you mean {meant}?")
+    target.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from purireid.serving.api import InputError
     from purireid.config.resolve import ConfigError
+    from purireid.io.checkpoints import CheckpointError
+    from purireid.io.features import FeatureFileMismatch
     from purireid.log import setup_logging
+    from purireid.serving.api import InputError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if not argv:  # `purireid` alone: the command list
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _unrecognised(parser, args.command, extras)
     setup_logging(None)
     try:
         return int(args.func(args) or 0)
-    except (InputError, ConfigError) as exc:
+    except (InputError, ConfigError, CheckpointError, FeatureFileMismatch) as exc:
+        print(f"purireid {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a write that failed after the checks (a full disk, a vanished folder, ...)
         print(f"purireid {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - known failure kinds without a traceback

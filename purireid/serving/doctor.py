@@ -9,8 +9,9 @@ Three parts, each a list of `Check`s (ok / warn / fail / info, with the fix for 
   export packages when the opt-in export is on;
 * run: a few seconds of the real thing on every device (the CPU and each GPU): one
   forward/backward of the configured model (bf16 autocast and channels_last on CUDA where the
-  config asks, as training does), and one kNN through the pipeline's backend and one gallery
-  search, each compared with an exact float64 result computed on the CPU.
+  config asks, as training does), and one self-kNN and one gallery search through the kNN
+  engine's backend choice (purireid.knn.engine; on the CPU its calibration's timings are
+  shown), each compared with an exact float64 result computed on the CPU.
 
 A "fail" means the config cannot run here as it stands; the command then exits with status 1.
 """
@@ -90,17 +91,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _installed(names: tuple[str, ...]) -> list[str]:
     found = []
     for name in names:
@@ -123,10 +113,8 @@ def machine_checks() -> Iterator[Check]:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    flags = _cpu_flags()
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     yield Check("machine", "cpu", "info", f"{_cpu_name()}, {cpus} usable core(s), torch threads "
-                f"{torch.get_num_threads()}; bf16 units: {', '.join(bf16) if bf16 else 'none'}")
+                f"{torch.get_num_threads()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -158,7 +146,7 @@ def _faiss_checks() -> Iterator[Check]:
                     "pip uninstall -y faiss-cpu faiss-gpu; pip install faiss-cpu (or, on GPU nodes, "
                     "pip install --no-deps faiss-gpu)")
         return
-    from purireid.serving.search import faiss_gpus
+    from purireid.knn.engine import faiss_gpus
 
     gpus = faiss_gpus()
     flavour = f"GPU flavour, sees {gpus} GPU(s)" if hasattr(faiss, "StandardGpuResources") else "CPU flavour"
@@ -336,51 +324,57 @@ def _train_step(config: Mapping[str, Any], device: torch.device) -> str:
             f"{'bf16 autocast' if amp else 'float32'}{', channels_last' if channels_last else ''}{mem}")
 
 
-def _exact_knn(x: np.ndarray, k: int) -> np.ndarray:
-    """Neighbour lists by (float64 squared distance on the 2**-22 grid, index), self first."""
-    x64 = x.astype(np.float64)
-    sq = np.einsum("ij,ij->i", x64, x64)
-    d = np.maximum(sq[:, None] + sq[None, :] - 2 * x64 @ x64.T, 0.0)
-    np.fill_diagonal(d, -1.0)  # self first
-    key = np.rint(d * 2.0**22) / 2.0**22
-    cols = np.broadcast_to(np.arange(len(x)), key.shape)
-    return np.lexsort((cols, key), axis=1)[:, :k]
+def _dense_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Every key of a x b by a dense float64 product: the reference the engine is checked against."""
+    from purireid.knn.engine import grid_key
+
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return grid_key(np.einsum("ij,ij->i", a64, a64)[:, None] + np.einsum("ij,ij->i", b64, b64)[None, :]
+                    - 2 * a64 @ b64.T)
+
+
+def _ranking(keys: np.ndarray, k: int) -> np.ndarray:
+    cols = np.broadcast_to(np.arange(keys.shape[1]), keys.shape)
+    return np.lexsort((cols, keys), axis=1)[:, :k]
 
 
 def _knn_check(device: torch.device, dim: int) -> str:
+    from purireid.knn.engine import calibration_timings, exact_search, resolve_backend
     from purireid.labels.neighbours import knn
-    from purireid.serving.search import exact_search
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1024, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     k = 20
     _, idx = knn(torch.from_numpy(x).to(device), k)
-    expected = _exact_knn(x, k)
-    bad = int((np.asarray(idx) != expected).any(axis=1).sum())
+    keys = _dense_keys(x, x)
+    np.fill_diagonal(keys, -1.0)  # self first
+    bad = int((np.asarray(idx) != _ranking(keys, k)).any(axis=1).sum())
     if bad:
         raise RuntimeError(f"kNN lists of {bad} of {len(x)} points differ from the exact CPU result")
     query, gallery = x[:64], x[64:]
     found = exact_search(query, gallery, k, backend="auto", device=device)
-    sq = np.einsum("ij,ij->i", gallery.astype(np.float64), gallery.astype(np.float64))
-    d = sq[None, :] - 2 * query.astype(np.float64) @ gallery.astype(np.float64).T
-    d += np.einsum("ij,ij->i", query.astype(np.float64), query.astype(np.float64))[:, None]
-    key = np.rint(np.maximum(d, 0.0) * 2.0**22) / 2.0**22
-    ref = np.lexsort((np.broadcast_to(np.arange(len(gallery)), key.shape), key), axis=1)[:, :k]
-    bad = int((found.indices != ref).any(axis=1).sum())
+    bad = int((found.indices != _ranking(_dense_keys(query, gallery), k)).any(axis=1).sum())
     if bad:
         raise RuntimeError(f"gallery search of {bad} of {len(query)} queries differs from the exact CPU result")
-    from purireid.serving.search import resolve_backend
-
+    # The self-kNN of the pseudo labels runs on a GPU whenever there is one; the search where asked.
+    knn_on = torch.device("cuda" if device.type == "cuda" or torch.cuda.is_available() else "cpu")
+    used = (f"self-kNN {resolve_backend('auto', knn_on, dim)} on {knn_on.type}, "
+            f"search {resolve_backend('auto', device, dim)} on {device.type}")
+    if device.type == "cpu":
+        timed = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in calibration_timings(dim).items())
+        used += f"; CPU calibration: {timed} per block"
     return (f"kNN of {len(x)} x {dim}-d (k={k}) and search of {len(query)} queries: identical to the exact "
-            f"CPU result (search backend {resolve_backend('auto', device)})")
+            f"CPU result ({used})")
 
 
 def run_checks(config: Mapping[str, Any]) -> Iterator[Check]:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and config["device"] != "cpu":
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    dim = {"resnet18": 512, "resnet34": 512}.get(config["model"]["arch"], 2048)
+    from purireid.model.backbones import BACKBONES
+
+    dim = BACKBONES[config["model"]["arch"]].feat_dim
     for device in devices:
         for name, fn in ((f"train step on {device}", lambda d=device: _train_step(config, d)),
                          (f"kNN on {device}", lambda d=device: _knn_check(d, dim))):

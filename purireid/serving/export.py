@@ -66,8 +66,7 @@ class ExportedFeatures(nn.Module):
             raise TypeError(f"expected a MultiViewResNet, got {type(model).__name__}")
         self.views = views
         self.standardise = model.input_norm == "per_image"  # model.input_norm, inside the exported graph
-        self.trunk = nn.Sequential(*(getattr(model, name) for name in
-                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")))
+        self.trunk = nn.Sequential(*(getattr(model, name) for name in model.trunk_names))
         self.view_pools = nn.ModuleList(model.pools[v] for v in views)
         self.view_necks = nn.ModuleList(model.necks[v] for v in views)
 

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from purireid.data import read_manifest
 from purireid.runtime.distributed import DistContext, launch
 from purireid.evaluation.metrics import headline_metrics
-from purireid.io.files import sha256_file, write_json_atomic
+from purireid.io.files import write_json_atomic
 from purireid.log import get_logger
-from purireid.io.checkpoints import load_model_checkpoint
+from purireid.io.checkpoints import STAGE_CHECKPOINT_FIX, read_checkpoint
 from purireid.evaluation.inference import cache_dir_for, evaluate_model
 from purireid.evaluation.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
 
@@ -24,16 +23,11 @@ log = get_logger("evaluate")
 UNITS = "mAP, mINP, rank1, rank5, rank10 and cmc are fractions in [0, 1]; x100 for %"
 
 
-def checkpoint_role(checkpoint: Path) -> str | None:
-    """What the checkpoint was trained as ("teacher", "student", "supervised", ...), if recorded."""
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    return stored.get("role") if isinstance(stored, dict) else None
-
-
 def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_json: Path, cmc_png: Path,
             ranked_png: Path, model_name: str, *, ctx: DistContext) -> None:
     splits = read_manifest(manifest)
-    model = load_model_checkpoint(checkpoint, ctx.device)
+    stored = read_checkpoint(checkpoint, fix=STAGE_CHECKPOINT_FIX)
+    model = stored.model().to(ctx.device)
     settings = config["evaluate"]
     metrics = evaluate_model(model, splits, config, ctx, rerank=settings["rerank"], max_rank=settings["max_rank"],
                              topk=RANKED_LIST_FETCH, cache_dir=cache_dir_for(manifest))
@@ -44,7 +38,7 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_js
     result = {
         "dataset": dataset,
         "model": model_name,  # results/<dataset>/<model>/
-        "role": checkpoint_role(checkpoint),
+        "role": stored.extra.get("role"),  # what it was trained as (teacher, student, supervised), if recorded
         "units": UNITS,
         **headline_metrics(metrics),
         "cmc": cmc,
@@ -53,7 +47,7 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_js
         "num_gallery": len(splits["gallery"]),
         "rerank": bool(settings["rerank"]),
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": stored.sha256,
     }
     accuracy = f"mAP {100 * result['mAP']:.1f}%, Rank-1 {100 * result['rank1']:.1f}%"
     plot_cmc(cmc_png, cmc, f"{dataset}: CMC of the {model_name} ({accuracy})")

@@ -12,7 +12,8 @@ from purireid.data import read_manifest
 from purireid.runtime.distributed import DistContext, launch
 from purireid.io.files import sha256_file
 from purireid.log import get_logger
-from purireid.io.checkpoints import load_model_checkpoint, write_teacher_features
+from purireid.io.checkpoints import load_model_checkpoint
+from purireid.io.features import write_teacher_features
 from purireid.evaluation.inference import cache_dir_for, extract_records
 
 log = get_logger("extract")

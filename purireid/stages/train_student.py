@@ -12,7 +12,8 @@ import torch
 from purireid.data import read_manifest
 from purireid.runtime.distributed import DistContext, launch
 from purireid.io.files import sha256_file
-from purireid.io.checkpoints import load_model_checkpoint, read_teacher_features
+from purireid.io.checkpoints import load_model_checkpoint
+from purireid.io.features import read_teacher_features
 from purireid.training.loop import TeacherGuidance, per_process_bn_groups, train
 
 

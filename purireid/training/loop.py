@@ -42,7 +42,7 @@ from purireid.training.diagnostics import (crop_pad_advice, fine_tuning_advice, 
 from purireid.runtime.distributed import DistContext
 from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.evaluation.inference import autocast_context
-from purireid.io.files import sha256_file
+from purireid.io.files import sha256_file, write_jsonl
 from purireid.labels.sources import LabelSource, label_source as make_label_source
 from purireid.log import Progress, get_logger
 from purireid.training.losses import view_weights
@@ -60,7 +60,7 @@ from purireid.io.checkpoints import (
     write_resolved_config,
 )
 from purireid.evaluation.inference import cache_dir_for, evaluate_model, extract_records
-from purireid.evaluation.reporting import plot_training_curve, write_jsonl
+from purireid.evaluation.reporting import plot_training_curve
 from purireid.evaluation.summary import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARMUP
 from purireid.runtime.signals import GracefulTermination, TerminationRequested, exit_status
 
