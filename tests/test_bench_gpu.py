@@ -4,6 +4,8 @@ runs, the table has a row per phase and epoch, and the extrapolation adds up."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +56,20 @@ def test_extrapolation_scales_the_steps_and_counts_the_evaluations():
     assert full["train_teacher"] == pytest.approx(5 + 4 + 3 * 6 + 50 * 23.0, abs=0.1)
     assert full["train_student"] == pytest.approx(5 + 6 + 3 * 6 + (1 + 12 * 400 / 120) + 50 * (3 + 8 * 200 / 60), abs=0.1)
     assert full["evaluate"] == 2 * (5 + 8) and full["prepare_dataset"] == 15 and full["extract_teacher_features"] == 25
+
+
+def test_gpu_check_script_plans_every_part_and_its_configs_resolve(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the script parses, plans every part of the device check,
+    and its cheap checks pass here (imports, the scripts' options, both DAGs' configs)."""
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    planned = [line.split()[0] for line in summary if " planned " in line]
+    assert planned == ["environment", "doctor", "demo_dag", "market_dag", "bench_gpu", "pseudo_labels", "search",
+                       "batchnorm"]
+    assert summary[-1].startswith("dry_run_checks ok"), summary
+    assert "scripts and imports: ok" in (tmp_path / "out" / "gpu_check.log").read_text()
