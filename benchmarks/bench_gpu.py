@@ -11,9 +11,10 @@ warm-up + 50 epochs, evaluation every 10 epochs, two evaluate jobs.
 
 Where the numbers come from: each epoch's extract_s, cluster_s, train_s and images_per_s (and
 gpu_memory_peak_gb where the trainer logs it) are read from the stage's log.jsonl; the
-untrained evaluation's "seconds" too. The evaluations inside training are timed here (by
-wrapping the trainer's evaluate_model), and so are the stages' wall times; a training job's
-start-up is its wall time minus everything logged. "process start-up" is a fresh interpreter
+untrained evaluation's "seconds" too. The evaluations inside training and each epoch's
+bookkeeping (resume state, log.jsonl, training curve) are timed here by wrapping the trainer's
+functions, and so are the stages' wall times; a training job's start-up is its wall time minus
+all of those. "process start-up" is a fresh interpreter
 importing torch and the stages and creating the CUDA context: what every job of the DAG pays
 on top (each rule is a process). The GPU memory peak of a stage is
 torch.cuda.max_memory_allocated over its run.
@@ -114,28 +115,35 @@ def stage_clock(device: str, result: dict) -> Iterator[None]:
         result["seconds"] = time.perf_counter() - tic
 
 
+# What the trainer does once per epoch besides the epoch's logged phases: its resume state, its
+# log.jsonl and its training curve (purireid.training.loop's names for them).
+BOOKKEEPING = ("save_state", "write_jsonl", "plot_training_curve")
+
+
 @contextlib.contextmanager
-def timed_evaluations(durations: list[float]) -> Iterator[None]:
-    """Append the wall time of every evaluation the trainer runs (its evaluate_model) to `durations`."""
+def timed_trainer_calls(names: tuple[str, ...], durations: dict[str, list[float]]) -> Iterator[None]:
+    """Append the wall time of every call the trainer makes to one of `names` (functions it
+    imported into purireid.training.loop) to durations[name]; a name it no longer has is left out."""
     import purireid.training.loop as loop
 
-    original: Callable | None = getattr(loop, "evaluate_model", None)
-    if original is None:  # the trainer no longer has it by that name: the log's figures only
-        yield
-        return
+    originals = {name: getattr(loop, name) for name in names if callable(getattr(loop, name, None))}
 
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        tic = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            durations.append(time.perf_counter() - tic)
+    def timed(name: str, function: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tic = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                durations.setdefault(name, []).append(time.perf_counter() - tic)
+        return call
 
-    loop.evaluate_model = timed
+    for name, function in originals.items():
+        setattr(loop, name, timed(name, function))
     try:
         yield
     finally:
-        loop.evaluate_model = original
+        for name, function in originals.items():
+            setattr(loop, name, function)
 
 
 def process_startup_seconds(device: str) -> float:
@@ -153,17 +161,21 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def training_rows(rows: Rows, stage: str, log: list[dict], wall: float, eval_times: list[float],
+def training_rows(rows: Rows, stage: str, log: list[dict], wall: float, calls: Mapping[str, list[float]],
                   train: Mapping[str, Any], warmup_factor: int, num_train: int, num_test: int,
                   stage_peak: float | None) -> dict[str, Any]:
     """The rows of one training stage from its log.jsonl (`train`: the config's train section it
-    ran with); returns what the extrapolation needs."""
+    ran with; `calls`: timed_trainer_calls' durations); returns what the extrapolation needs."""
     untrained = next(r for r in log if r.get("phase") == "untrained")
     epochs = [r for r in log if isinstance(r.get("epoch"), int)]
     # The trainer's evaluations in order: the untrained one, then those of the evaluated epochs.
-    evals = list(eval_times) or [untrained["seconds"]]
+    evals = list(calls.get("evaluate_model", [])) or [untrained["seconds"]]
     in_training = evals[1:]
-    accounted = untrained["seconds"] + sum(r["seconds"] for r in epochs) + sum(in_training)
+    # Each epoch saves the state, rewrites the log and redraws the curve: one call of each (the
+    # calls before and after the epochs stay in the start-up, paid once).
+    timed = [calls[name] for name in BOOKKEEPING if calls.get(name)]
+    per_epoch = sum(sum(d) / len(d) for d in timed)
+    accounted = untrained["seconds"] + sum(r["seconds"] for r in epochs) + sum(in_training) + per_epoch * len(epochs)
     rows.add(stage, None, "job start-up", wall - accounted)
     rows.add(stage, None, "evaluation (untrained)", untrained["seconds"], num_test)
     later = iter(in_training)
@@ -175,8 +187,10 @@ def training_rows(rows: Rows, stage: str, log: list[dict], wall: float, eval_tim
                  r.get("gpu_memory_peak_gb"))
         if r.get("mAP") is not None:
             rows.add(stage, r["epoch"], "evaluation", next(later, None), num_test)
+    rows.add(stage, None, "state, log, curve per epoch", per_epoch if timed else None)
     rows.add(stage, None, "stage total", wall, None, stage_peak)
-    return {"startup_s": wall - accounted, "eval_s": in_training[-1] if in_training else evals[0], "epochs": epochs}
+    return {"startup_s": wall - accounted, "eval_s": in_training[-1] if in_training else evals[0], "epochs": epochs,
+            "bookkeeping_s": per_epoch}
 
 
 # --------------------------------------------------------------------------- extrapolation
@@ -205,11 +219,11 @@ def extrapolate(measured: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[
     jobs = {
         "prepare_dataset": proc + measured["prepare_s"],
         "train_teacher": (proc + teacher["startup_s"] + teacher["eval_s"] * (1 + n_eval_t)
-                          + FULL_TEACHER_EPOCHS * t_epoch),
+                          + FULL_TEACHER_EPOCHS * (t_epoch + teacher["bookkeeping_s"])),
         "extract_teacher_features": proc + measured["extract_s"],
         "train_student": (proc + student["startup_s"] + student["eval_s"] * (1 + n_eval_s)
                           + _epoch_seconds(warmup, iters * factor)
-                          + FULL_STUDENT_EPOCHS * s_epoch),
+                          + (1 + FULL_STUDENT_EPOCHS) * student["bookkeeping_s"] + FULL_STUDENT_EPOCHS * s_epoch),
         "evaluate": EVALUATE_JOBS * (proc + measured["evaluate_s"]),
     }
     return {**{k: round(v, 1) for k, v in jobs.items()}, "total": round(sum(jobs.values()), 1)}
@@ -296,14 +310,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for folder in (teacher_dir, student_dir):  # no resume state or log of an earlier run
         shutil.rmtree(folder, ignore_errors=True)
     teacher_cfg = deep_merge(config, {"train": {"epochs": args.teacher_epochs, "eval_every": args.teacher_epochs}})
-    evals: list[float] = []
+    calls: dict[str, list[float]] = {}
     clock = {}
-    with stage_clock(device, clock), timed_evaluations(evals):
+    with stage_clock(device, clock), timed_trainer_calls(("evaluate_model", *BOOKKEEPING), calls):
         train_teacher.run(stage_config(teacher_cfg, "train_teacher"), manifest=manifest,
                           model_out=teacher_dir / "model.pth", log_jsonl=teacher_dir / "log.jsonl",
                           curve_png=teacher_dir / "curve.png", state_dir=teacher_dir / "state")
     factor = config["student"]["warmup_iters_factor"]
-    measured["teacher"] = training_rows(rows, "teacher", read_log(teacher_dir / "log.jsonl"), clock["seconds"], evals,
+    measured["teacher"] = training_rows(rows, "teacher", read_log(teacher_dir / "log.jsonl"), clock["seconds"], calls,
                                         config["train"], factor, num_train, num_test, clock.get("gpu_peak_gb"))
 
     clock = {}
@@ -314,15 +328,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     measured["extract_s"] = clock["seconds"]
 
     student_cfg = deep_merge(config, {"train": {"epochs": args.student_epochs, "eval_every": args.student_epochs}})
-    evals = []
+    calls = {}
     clock = {}
-    with stage_clock(device, clock), timed_evaluations(evals):
+    with stage_clock(device, clock), timed_trainer_calls(("evaluate_model", *BOOKKEEPING), calls):
         train_student.run(stage_config(student_cfg, "train_student"), manifest=manifest,
                           teacher_checkpoint=teacher_dir / "model.pth",
                           teacher_features=teacher_dir / "train_features.h5", model_out=student_dir / "model.pth",
                           log_jsonl=student_dir / "log.jsonl", curve_png=student_dir / "curve.png",
                           state_dir=student_dir / "state")
-    measured["student"] = training_rows(rows, "student", read_log(student_dir / "log.jsonl"), clock["seconds"], evals,
+    measured["student"] = training_rows(rows, "student", read_log(student_dir / "log.jsonl"), clock["seconds"], calls,
                                         config["train"], factor, num_train, num_test, clock.get("gpu_peak_gb"))
 
     clock = {}

@@ -26,6 +26,7 @@ def test_smoke_run_prints_the_table_and_the_extrapolation(tmp_path, capsys):
         assert (stage, 0, "evaluation") in phases
     assert ("teacher", 0, "training steps (1 it)") in phases and ("student", -1, "training steps (2 it)") in phases
     assert ("student", 0, "training steps (1 it)") in phases
+    assert ("teacher", "-", "state, log, curve per epoch") in phases
     assert {("extract", "-", "feature extraction (job)"), ("evaluate", "-", "evaluation (job)"),
             ("job", "-", "process start-up")} <= phases
     for row in result["rows"]:
@@ -43,18 +44,19 @@ def test_smoke_run_prints_the_table_and_the_extrapolation(tmp_path, capsys):
 def test_extrapolation_scales_the_steps_and_counts_the_evaluations():
     measured = {
         "process_startup_s": 5.0, "prepare_s": 10.0, "extract_s": 20.0, "evaluate_s": 8.0,
-        "teacher": {"startup_s": 4.0, "eval_s": 3.0,
+        "teacher": {"startup_s": 4.0, "eval_s": 3.0, "bookkeeping_s": 0.5,
                     "epochs": [{"epoch": 1, "extract_s": 2.0, "cluster_s": 1.0, "train_s": 6.0, "iters": 60}]},
-        "student": {"startup_s": 6.0, "eval_s": 3.0,
+        "student": {"startup_s": 6.0, "eval_s": 3.0, "bookkeeping_s": 0.5,
                     "epochs": [{"epoch": -1, "extract_s": 0.0, "cluster_s": 1.0, "train_s": 12.0, "iters": 120},
                                {"epoch": 0, "extract_s": 2.0, "cluster_s": 1.0, "train_s": 8.0, "iters": 60}]},
     }
     recipe = {"train": {"iters": 200}, "student": {"warmup_iters_factor": 2}}
     full = bench_gpu.extrapolate(measured, recipe)
     assert bench_gpu.evaluations_in(50, 10) == 5 and bench_gpu.evaluations_in(3, 10) == 1
-    # 50 epochs of (2 + 1 + 6 * 200 / 60) s, the untrained evaluation and 5 more, start-ups
-    assert full["train_teacher"] == pytest.approx(5 + 4 + 3 * 6 + 50 * 23.0, abs=0.1)
-    assert full["train_student"] == pytest.approx(5 + 6 + 3 * 6 + (1 + 12 * 400 / 120) + 50 * (3 + 8 * 200 / 60), abs=0.1)
+    # 50 epochs of (2 + 1 + 6 * 200 / 60) s and their bookkeeping, the untrained evaluation and 5 more, start-ups
+    assert full["train_teacher"] == pytest.approx(5 + 4 + 3 * 6 + 50 * (23.0 + 0.5), abs=0.1)
+    assert full["train_student"] == pytest.approx(5 + 6 + 3 * 6 + (1 + 12 * 400 / 120) + 51 * 0.5
+                                                  + 50 * (3 + 8 * 200 / 60), abs=0.1)
     assert full["evaluate"] == 2 * (5 + 8) and full["prepare_dataset"] == 15 and full["extract_teacher_features"] == 25
 
 
