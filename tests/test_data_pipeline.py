@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,15 @@ def test_synthetic_deterministic_and_market_like(synth, tmp_path):
     with Image.open(root / splits["train"][0].path) as im:
         assert im.size == (16, 32)
 
+
+
+def test_synthetic_in_parallel_is_the_same_dataset(synth, tmp_path):
+    """prepare's workers render the synthetic set in processes: the same files, byte for byte."""
+    root, params = synth
+    base = root / "synthetic" / "Synthetic-ReID"
+    summary = generate_synthetic(tmp_path / "parallel", workers=2, **params)
+    assert _digest(tmp_path / "parallel") == _digest(base)
+    assert summary == json.loads((base / "synthetic.json").read_text())
 
 def _loader(root, **kw):
     recs = load_dataset("synthetic", root)["train"]

@@ -1,12 +1,18 @@
 """Faults a job must survive with a clear message and no damage: a full disk while saving the
 resume state or building the image cache, a truncated teacher-feature file; and outputs that
-are byte-reproducible and readable as the umask allows. (Signals: tests/test_stages.py; bad
-configs: tests/test_config.py.)"""
+are byte-reproducible and readable as the umask allows; a SIGTERM to the whole process group,
+DataLoader workers included. (Signals to the main process: tests/test_stages.py; bad configs:
+tests/test_config.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -14,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_snakemake, run_workflow_script, tiny_config
+from conftest import REPO, fake_snakemake, prepare_tiny_dataset, run_workflow_script, tiny_config
 from purireid import VIEWS
-from purireid.data import build_image_cache, generate_synthetic, load_dataset
+from purireid.data import TrainLoader, build_image_cache, build_test_loader, generate_synthetic, load_dataset
 from purireid.io.files import DiskFullError, atomic_path, torch_save_atomic, write_text_atomic
 from purireid.model.network import build_model
 from purireid.io.checkpoints import save_model_checkpoint, save_state
@@ -171,3 +177,101 @@ def test_synthetic_defaults_come_from_the_schema(tmp_path):
                                   height=16, width=8, seed=schema_defaults("synthetic")["seed"])
     with pytest.raises(TypeError, match="unknown synthetic generator parameter"):
         generate_synthetic(tmp_path / "t", num_ids=3)
+
+
+# --------------------------------------------------------------------------- D9: SIGTERM to the process group
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _signal_workers_while_iterating(loader, signals) -> int:
+    """Iterate `loader`, sending `signals` to its worker processes after the first batch; the number of batches."""
+    count = 0
+    for _ in loader:
+        if count == 0:
+            workers = _children(os.getpid())
+            assert len(workers) == 2, workers
+            for worker in workers:
+                for signum in signals:
+                    os.kill(worker, signum)
+            time.sleep(0.2)  # the signals arrive while the workers are busy or waiting
+        count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_loader_workers_leave_stop_signals_to_the_main_process(tiny_images):
+    """The train and the test (feature-extraction) loaders' workers outlive a SIGTERM/SIGINT meant
+    for the job: the main process decides, and the epoch's batches all arrive."""
+    records, root = tiny_images["train"], tiny_images["root"]
+    test_loader = build_test_loader(records, root, height=64, width=32, batch_size=8, workers=2)
+    assert _signal_workers_while_iterating(test_loader, (signal.SIGTERM, signal.SIGINT)) == len(test_loader)
+    train = TrainLoader(records, root, height=64, width=32, batch_size=8, num_instances=4, iters=4, workers=2)
+    labels = np.array([r.pid for r in records])
+    assert _signal_workers_while_iterating(train.epoch(0, labels), (signal.SIGTERM, signal.SIGINT)) == 4
+    deadline = time.time() + 30
+    while _children(os.getpid()) and time.time() < deadline:  # shut down with their iterators
+        time.sleep(0.05)
+    assert not _children(os.getpid())
+
+
+RUN_TEACHER_JOB = textwrap.dedent("""
+    import sys, yaml
+    tests, config_file, out, manifest = sys.argv[1:5]
+    sys.path.insert(0, tests)
+    from conftest import fake_snakemake, run_workflow_script
+    job = fake_snakemake("train_teacher", yaml.safe_load(open(config_file)), log=out + "/run.log",
+                         input={"manifest": manifest}, params={"state_dir": out + "/state"},
+                         output={"model": out + "/model.pth", "log_jsonl": out + "/log.jsonl", "curve": out + "/curve.png"})
+    run_workflow_script("train_teacher.py", job)
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_job(tmp_path):
+    """scancel, preemption and `timeout` signal every process of the job, DataLoader workers
+    included: the job still stops with status 143 and its state kept, and a rerun resumes."""
+    import yaml
+
+    data = prepare_tiny_dataset(tmp_path / "tiny")
+    config = tiny_config(data["data_root"], data={"workers": 2}, train={"epochs": 3, "iters": 2, "eval_every": 0})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "teacher"
+    out.mkdir()
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", RUN_TEACHER_JOB, str(REPO / "tests"), str(tmp_path / "config.yaml"),
+                                 str(out), str(data["manifest"])], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                start_new_session=True, stderr=subprocess.DEVNULL)
+
+    job = start()
+    deadline = time.time() + 600
+    while not (out / "state" / "state.pth").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    while len(_children(job.pid)) < 2 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # an epoch after the first, with its loader's two workers running
+    assert job.poll() is None, "the job ended before its workers could be signalled"
+    os.killpg(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=120) == 143
+    log_text = (out / "run.log").read_text()
+    assert "stopping teacher" in log_text and "a rerun resumes there" in log_text, log_text
+    assert "stopped by SIGTERM (exit status 143)" in log_text, log_text
+    assert "failed" not in log_text and "Traceback" not in log_text, log_text
+    assert (out / "state" / "state.pth").exists() and not (out / "model.pth").exists()
+
+    resumed = start()
+    assert resumed.wait(timeout=600) == 0
+    assert "resuming teacher" in (out / "run.log").read_text()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [None, 0, 1, 2]

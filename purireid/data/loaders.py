@@ -32,6 +32,7 @@ from purireid.data.transforms import (
     to_normalised_tensor,
 )
 from purireid.io.files import atomic_path, disk_full_error
+from purireid.runtime.signals import ignore_stop_signals, stop_signals_blocked
 
 CACHE_VERSION = 1
 _CACHE_CHUNK = 256  # rows decoded ahead of the writer
@@ -88,9 +89,29 @@ def open_image_cache(path: str | Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-# --------------------------------------------------------------------------- train loader
+# --------------------------------------------------------------------------- workers
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # the workers are the parallelism; avoid oversubscription
+    # SIGTERM/SIGINT to the process group: the main process stops the job and shuts us down.
+    ignore_stop_signals()
+
+
+class _WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes leave SIGTERM/SIGINT to the main process: they start
+    with the signals blocked and ignore them from their worker_init_fn on."""
+
+    def __init__(self, dataset: Dataset, **kwargs) -> None:
+        workers = kwargs.get("num_workers", 0)
+        super().__init__(dataset, worker_init_fn=_worker_init if workers else None, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with stop_signals_blocked():  # the workers start here
+            return super().__iter__()
+
+
+# --------------------------------------------------------------------------- train loader
 
 
 class _TrainBatches(Dataset):
@@ -174,9 +195,8 @@ class TrainLoader:
         batches = self.batch_indices(epoch, labels, iters)
         cuda = self.device.type == "cuda"
         dataset = _TrainBatches(self, batches, epoch)
-        loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.workers,
-                            pin_memory=cuda, worker_init_fn=_worker_init if self.workers else None,
-                            collate_fn=_identity_collate)
+        loader = _WorkerLoader(dataset, batch_size=None, shuffle=False, num_workers=self.workers,
+                               pin_memory=cuda, collate_fn=_identity_collate)
         for item in loader:
             if self.use_cache:
                 images, idx, params = item
@@ -227,8 +247,7 @@ def build_test_loader(records: Sequence[Record], data_root: str | Path, *, heigh
         cache_path = build_image_cache(records, data_root, cache_dir, height, width, workers=max(2, workers),
                                        progress=False)
     dataset = _TestBatches(records, str(data_root), height, width, batch_size, cache_path)
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init if workers else None)
+    return _WorkerLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
 __all__ = ["AugParams", "TrainLoader", "build_image_cache", "build_test_loader", "cache_key",

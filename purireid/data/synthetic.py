@@ -232,7 +232,72 @@ def _camera_split(rng: np.random.Generator, n_images: int, num_cameras: int, min
     return sorted(base + rest)
 
 
-def generate_synthetic(out_dir: str | Path, **params: Any) -> dict[str, Any]:
+def _frame_name(pid: int, cam: int, frame: int) -> str:
+    pid_s = "-1" if pid < 0 else f"{pid:04d}"
+    return f"{pid_s}_c{cam + 1}s1_{frame:06d}_01.jpg"
+
+
+def _write_identities(folder: Path, first: int, people: list[dict[str, Any]], cameras: list[dict[str, Any]],
+                      params: dict[str, Any]) -> dict[str, int]:
+    """Render people[k] as the identity at index first + k (pid first + k + 1) into `folder`;
+    the counts of what was written. Its image j is frame index * images_per_id + j + 1, the
+    number it gets when every identity is written in order."""
+    num_train_ids, images_per_id = params["num_train_ids"], params["images_per_id"]
+    seed, height, width = params["seed"], params["height"], params["width"]
+    counts = {"train": 0, "query": 0, "gallery": 0}
+    for k, ident in enumerate(people):
+        index = first + k
+        pid = index + 1
+        is_test = index >= num_train_ids
+        r = _rng(seed, 1, pid)
+        cams = _camera_split(r, images_per_id, params["num_cameras"], 2 if is_test else 1)
+        frames = [index * images_per_id + j + 1 for j in range(len(cams))]
+        if not is_test:
+            for j, cam in enumerate(cams):
+                image = _render(_rng(seed, 2, pid, j), ident, cameras[cam], height, width)
+                (folder / "bounding_box_train" / _frame_name(pid, cam, frames[j])).write_bytes(image)
+            counts["train"] += len(cams)
+            continue
+        # Query: one image of up to 3 cameras; every camera keeps >= 1 gallery image, so
+        # each query has a true match in another camera.
+        per_cam: dict[int, list[int]] = {}
+        for j, cam in enumerate(cams):
+            per_cam.setdefault(cam, []).append(j)
+        eligible = [c for c, js in per_cam.items() if len(js) >= 2]
+        q_cams = set(r.permutation(eligible)[:3].tolist())
+        query_j = {per_cam[c][0] for c in q_cams}
+        for j, cam in enumerate(cams):
+            split = "query" if j in query_j else "gallery"
+            image = _render(_rng(seed, 2, pid, j), ident, cameras[cam], height, width)
+            sub = "query" if split == "query" else "bounding_box_test"
+            (folder / sub / _frame_name(pid, cam, frames[j])).write_bytes(image)
+            counts[split] += 1
+    return counts
+
+
+def _write_extras(folder: Path, kind: str, indices: range, first_frame: int, cameras: list[dict[str, Any]],
+                  params: dict[str, Any]) -> dict[str, int]:
+    """Distractors (pid 0: one-off people) or junk crops (pid -1) number `indices` into the gallery."""
+    seed, height, width = params["seed"], params["height"], params["width"]
+    for j in indices:
+        r = _rng(seed, 3 if kind == "distractors" else 4, j)
+        cam = int(r.integers(params["num_cameras"]))
+        if kind == "distractors":
+            pid, image = 0, _render(r, _identity(r), cameras[cam], height, width)
+        else:
+            ident = _identity(r) if r.random() < 0.7 else None
+            pid, image = -1, _render(r, ident, cameras[cam], height, width, junk=True)
+        (folder / "bounding_box_test" / _frame_name(pid, cam, first_frame + j)).write_bytes(image)
+    # (synthetic.json's gallery count includes the distractors, not the junk)
+    return {"gallery": len(indices), kind: len(indices)} if kind == "distractors" else {kind: len(indices)}
+
+
+def _run_task(task: tuple) -> dict[str, int]:
+    kind, args = task
+    return _write_identities(*args) if kind == "identities" else _write_extras(*args)
+
+
+def generate_synthetic(out_dir: str | Path, *, workers: int = 1, **params: Any) -> dict[str, Any]:
     """Write the dataset to `out_dir` (bounding_box_train/, query/, bounding_box_test/, synthetic.json).
 
     `params`: any keys of the config's `synthetic` section (num_train_ids, num_test_ids,
@@ -243,73 +308,55 @@ def generate_synthetic(out_dir: str | Path, **params: Any) -> dict[str, Any]:
     quality and viewpoint mix always differ); `near_duplicate_rate` is the probability that
     an identity shares its upper or lower clothing (or both) with an earlier one.
 
-    Built in a temporary sibling folder and renamed into place, so a killed run leaves no
-    half-written dataset. Returns the summary also written to synthetic.json.
+    `workers` > 1 renders in that many processes; the files are the same bytes (every image
+    has its own RNG and its frame number is fixed by its position). Built in a temporary
+    sibling folder and renamed into place, so a killed run leaves no half-written dataset.
+    Returns the summary also written to synthetic.json.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from purireid.runtime.signals import ignore_stop_signals
+
     out_dir = Path(out_dir)
     params = synthetic_params(**params)
     num_train_ids, num_test_ids = params["num_train_ids"], params["num_test_ids"]
-    images_per_id, num_cameras = params["images_per_id"], params["num_cameras"]
-    height, width, seed = params["height"], params["width"], params["seed"]
-    camera_strength, near_duplicate_rate = params["camera_strength"], params["near_duplicate_rate"]
-    if camera_strength < 0:
-        raise ValueError(f"camera_strength must be >= 0, got {camera_strength}")
-    if not 0.0 <= near_duplicate_rate <= 1.0:
-        raise ValueError(f"near_duplicate_rate must lie in [0, 1], got {near_duplicate_rate}")
-    rng = _rng(seed, 0)
-    cameras = [_camera(rng, camera_strength) for _ in range(num_cameras)]
-    people = _identities(rng, num_train_ids + num_test_ids, near_duplicate_rate)
+    if params["camera_strength"] < 0:
+        raise ValueError(f"camera_strength must be >= 0, got {params['camera_strength']}")
+    if not 0.0 <= params["near_duplicate_rate"] <= 1.0:
+        raise ValueError(f"near_duplicate_rate must lie in [0, 1], got {params['near_duplicate_rate']}")
+    rng = _rng(params["seed"], 0)
+    cameras = [_camera(rng, params["camera_strength"]) for _ in range(params["num_cameras"])]
+    people = _identities(rng, num_train_ids + num_test_ids, params["near_duplicate_rate"])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the renamed folder
+    # Frames: every identity's images in order, then the distractors (pid 0: one-off people in
+    # the gallery), then the junk crops (pid -1: bad crops).
+    num_distractors, num_junk = max(4, num_test_ids), max(2, num_test_ids // 5)
+    first_extra = len(people) * params["images_per_id"] + 1
+    chunk = max(1, min(32, len(people) // (4 * max(1, workers)) or 1))
+    tasks: list[tuple] = [("identities", (tmp, i, people[i:i + chunk], cameras, params))
+                          for i in range(0, len(people), chunk)]
+    tasks += [("extras", (tmp, "distractors", range(num_distractors), first_extra, cameras, params)),
+              ("extras", (tmp, "junk", range(num_junk), first_extra + num_distractors, cameras, params))]
     counts = {"train": 0, "query": 0, "gallery": 0, "distractors": 0, "junk": 0}
-    frame = 0
-
-    def write(folder: str, pid: int, cam: int, data: bytes) -> None:
-        nonlocal frame
-        frame += 1
-        pid_s = "-1" if pid < 0 else f"{pid:04d}"
-        (tmp / folder / f"{pid_s}_c{cam + 1}s1_{frame:06d}_01.jpg").write_bytes(data)
-
     try:
         for sub in ("bounding_box_train", "query", "bounding_box_test"):
             (tmp / sub).mkdir()
-        for i, ident in enumerate(people):
-            pid = i + 1
-            is_test = i >= num_train_ids
-            r = _rng(seed, 1, pid)
-            cams = _camera_split(r, images_per_id, num_cameras, 2 if is_test else 1)
-            if not is_test:
-                for j, cam in enumerate(cams):
-                    write("bounding_box_train", pid, cam, _render(_rng(seed, 2, pid, j), ident, cameras[cam], height, width))
-                counts["train"] += len(cams)
-                continue
-            # Query: one image of up to 3 cameras; every camera keeps >= 1 gallery image, so
-            # each query has a true match in another camera.
-            per_cam: dict[int, list[int]] = {}
-            for j, cam in enumerate(cams):
-                per_cam.setdefault(cam, []).append(j)
-            eligible = [c for c, js in per_cam.items() if len(js) >= 2]
-            q_cams = set(r.permutation(eligible)[:3].tolist())
-            query_j = {per_cam[c][0] for c in q_cams}
-            for j, cam in enumerate(cams):
-                folder = "query" if j in query_j else "bounding_box_test"
-                write(folder, pid, cam, _render(_rng(seed, 2, pid, j), ident, cameras[cam], height, width))
-                counts["query" if j in query_j else "gallery"] += 1
-        # Distractors (pid 0): one-off people in the gallery; junk (pid -1): bad crops.
-        for j in range(max(4, num_test_ids)):
-            r = _rng(seed, 3, j)
-            cam = int(r.integers(num_cameras))
-            write("bounding_box_test", 0, cam, _render(r, _identity(r), cameras[cam], height, width))
-            counts["gallery"] += 1
-            counts["distractors"] += 1
-        for j in range(max(2, num_test_ids // 5)):
-            r = _rng(seed, 4, j)
-            cam = int(r.integers(num_cameras))
-            ident = _identity(r) if r.random() < 0.7 else None
-            write("bounding_box_test", -1, cam, _render(r, ident, cameras[cam], height, width, junk=True))
-            counts["junk"] += 1
+        if workers > 1:
+            # The workers leave SIGTERM/SIGINT to this process; a stop cancels what has not started.
+            with ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
+                try:
+                    results = list(pool.map(_run_task, tasks))
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        else:
+            results = [_run_task(task) for task in tasks]
+        for result in results:
+            for key, value in result.items():
+                counts[key] += value
         summary = {"params": params, "counts": counts}
         (tmp / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out_dir.exists():

@@ -1,11 +1,18 @@
 """Stopping a job on SIGTERM / SIGINT: the exit statuses (143 / 130, i.e. 128 + the signal
 number, as a shell reports a process killed by it) and the flag the training loop checks
-between steps so that it stops with the last completed epoch's state kept."""
+between steps so that it stops with the last completed epoch's state kept.
+
+A signal to the whole process group (SLURM's scancel and preemption, `timeout`, Ctrl-C) also
+reaches the job's helper processes (DataLoader workers). They ignore it (`ignore_stop_signals`,
+their worker_init_fn) and the main process, which handles it, shuts them down as it stops;
+`stop_signals_blocked` covers the moment between a worker's start and that call.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -84,3 +91,28 @@ def exit_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGTERM/SIGINT in the calling (main) thread within the block. Processes forked
+    inside inherit the mask, so a stop signal sent to the process group cannot kill a helper
+    process before it has called `ignore_stop_signals`; this process receives a signal that
+    arrived meanwhile when the block ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals() -> None:
+    """In a helper process of a job (a DataLoader worker): leave SIGTERM/SIGINT to the job's main
+    process, which stops the job and then shuts its helpers down (see the module docstring)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by stop_signals_blocked: a pending one is discarded
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -16,8 +16,9 @@ from purireid.io.checkpoints import write_resolved_config
 log = get_logger("prepare")
 
 
-def _locate(name: str, data_root: Path, prepare: Mapping[str, Any], synthetic: Mapping[str, Any] | None) -> Path:
-    """The dataset's folder under data_root, extracted or generated first when needed."""
+def _locate(name: str, data_root: Path, prepare: Mapping[str, Any], synthetic: Mapping[str, Any] | None,
+            workers: int = 1) -> Path:
+    """The dataset's folder under data_root, extracted or generated (by `workers` processes) first when needed."""
     base = dataset_folder(name, data_root, prepare["folder_name"])
     if name == "synthetic":
         from purireid.data.synthetic import generate_synthetic, synthetic_params_match
@@ -25,7 +26,7 @@ def _locate(name: str, data_root: Path, prepare: Mapping[str, Any], synthetic: M
         params = dict(synthetic or {})
         if not synthetic_params_match(base, **params):
             log.info("generating the synthetic dataset in %s (%s)", base, params)
-            generate_synthetic(base, **params)
+            generate_synthetic(base, workers=workers, **params)
         return base
     if base.is_dir():
         return base
@@ -63,10 +64,10 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, summary: str | Path,
     Reads config keys dataset, data_root, prepare.{archive, check_counts, folder_name} and, for
     dataset synthetic, the synthetic section (the generator's parameters; the folder is
     regenerated when absent or made with other parameters). `workers`: processes decoding the
-    images. The config is also written beside the manifest (config.yaml).
+    images (and rendering the synthetic set). The config is also written beside the manifest (config.yaml).
     """
     name, data_root, prepare = config["dataset"], Path(config["data_root"]), config["prepare"]
-    base = _locate(name, data_root, prepare, config.get("synthetic") if name == "synthetic" else None)
+    base = _locate(name, data_root, prepare, config.get("synthetic") if name == "synthetic" else None, workers)
     splits = load_dataset(name, data_root, folder_name=prepare["folder_name"])
     for split in SPLITS:
         if not splits[split]:
