@@ -30,23 +30,32 @@ from purireid.training.terms.memory import MemoryTerm
 
 
 def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int, *, instances: int = 4,
-                      bn_groups: int = 1, compile: bool = False) -> float:
-    """The trainer's own step (purireid.training.loop.train_one_epoch) on random images: a batch of
-    batch / instances pseudo-ids x `instances` images, the memory term on all views."""
+                      bn_groups: int = 1, compile: bool = False, device: str = "cpu", amp: bool = False,
+                      channels_last: bool = False) -> float:
+    """The trainer's own step (purireid.training.loop.train_one_epoch) on random images already on
+    `device`: a batch of batch / instances pseudo-ids x `instances` images, the memory term on all
+    views, as train_teacher runs it (bf16 autocast and channels_last on CUDA when asked)."""
     torch.manual_seed(0)
-    model = build_model(arch, "none", bn_groups).train()
+    dev = torch.device(device)
+    model = build_model(arch, "none", bn_groups).to(dev).train()
+    if channels_last and dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
     labels = np.repeat(np.arange(batch // instances), instances)
     features = {v: torch.nn.functional.normalize(torch.randn(batch, model.feat_dim), dim=1) for v in VIEWS}
     memory = MemoryTerm(temperature=0.05, rounds=instances)
-    memory.start_epoch(EpochTargets(labels, features, labels * 0, int(labels.max()) + 1, 0.1, torch.device("cpu")))
-    batches = [(torch.randn(batch, 3, height, width), torch.arange(batch))]
+    memory.start_epoch(EpochTargets(labels, features, labels * 0, int(labels.max()) + 1, 0.1, dev))
+    batches = [(torch.randn(batch, 3, height, width, device=dev), torch.arange(batch))]
     net = torch.compile(model) if compile else model
+    settings = StepSettings(view_weights(0.2), amp=amp, channels_last=channels_last)
+    ctx = DistContext(device=dev)
 
     def run(count: int) -> None:
-        train_one_epoch(net, optimizer, batches * count, [memory], DistContext(), StepSettings(view_weights(0.2)))
+        train_one_epoch(net, optimizer, batches * count, [memory], ctx, settings)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
-    run(1)  # warm-up: allocator, kernels
+    run(2)  # warm-up: allocator, kernels (and compilation)
     tic = time.perf_counter()
     run(steps)
     return steps * batch / (time.perf_counter() - tic)
@@ -80,15 +89,26 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile "
                         "(train.compile; the first call compiles and is not timed)")
     parser.add_argument("--no-epoch", action="store_true", help="skip the epoch breakdown")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (images already there)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, train.amp)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last (CUDA only, train.channels_last)")
+    parser.add_argument("--bn-groups", type=int, nargs="+", default=[1], help="model.bn_groups values to time")
+    parser.add_argument("--instances", type=int, default=4, help="train.num_instances (16 in the paper)")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU")
     height, width = args.size
+    if args.device != "cpu":
+        print(f"# {torch.cuda.get_device_name()}, amp {args.amp}, channels_last {args.channels_last}")
     for arch in args.archs:
-        for compiled in (False, True) if args.compile else (False,):
-            rate = step_images_per_s(arch, args.batch, args.steps, height, width, compile=compiled)
-            print(f"teacher step {arch:9s} {height}x{width} batch {args.batch}{' compiled' if compiled else ''}: "
-                  f"{rate:7.1f} images/s")
+        for groups in args.bn_groups:
+            for compiled in (False, True) if args.compile else (False,):
+                rate = step_images_per_s(arch, args.batch, args.steps, height, width, instances=args.instances,
+                                         bn_groups=groups, compile=compiled, device=args.device, amp=args.amp,
+                                         channels_last=args.channels_last)
+                print(f"teacher step {arch:9s} {height}x{width} batch {args.batch} bn_groups {groups}"
+                      f"{' compiled' if compiled else ''}: {rate:7.1f} images/s ({1e3 * args.batch / rate:.1f} ms/step)",
+                      flush=True)
     for r in ([] if args.no_epoch else epoch_breakdown(args.epoch_config, args.epochs)):
         total = r["extract_s"] + r["cluster_s"] + r["train_s"]
         print(f"epoch {r['epoch']} ({args.epoch_config.name}): {total:6.1f} s = extraction "

@@ -3,8 +3,9 @@
 # `purireid doctor` sees, the embedded demo DAG on CUDA, the Market-1501 recipe's DAG for 2
 # epochs on a small synthetic set, benchmarks/bench_gpu.py (the recipe at Market-1501 size),
 # pseudo labels at N = 12,936 and 32,621, exact query search over 100,000 x 2048, and the group
-# BatchNorm step cost (benchmarks/bench_batchnorm.py). About 7 minutes on one H200; each part
-# has a timeout and the whole a budget (GPU_CHECK_BUDGET, default 480 s): a part that would
+# BatchNorm step cost (benchmarks/bench_batchnorm.py), and the trainer's step (bench_training.py,
+# eager and compiled). About 9 minutes on one H200; each part
+# has a timeout and the whole a budget (GPU_CHECK_BUDGET, default 540 s): a part that would
 # start with less than 20 s left is skipped, and says so.
 #
 #   bash benchmarks/gpu_check.sh              # from the repository's root
@@ -46,7 +47,7 @@ cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
 OUT=${OUT:-benchmarks/out/gpu_check}
 WORK=${WORK:-/tmp/purireid_gpu_check}
-BUDGET=${GPU_CHECK_BUDGET:-480}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/gpu_check.log"
@@ -103,6 +104,12 @@ part environment 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --f
   nproc; free -g | head -2"
 
 part doctor 60 "$PY -m purireid.serving.cli doctor"
+
+# The trainer's own step (train_one_epoch) at the Market-1501 recipe's shape on random images
+# already on the GPU: issue 23's headline (>= 5,000 images/s with bn_groups 4), eager and under
+# torch.compile (train.compile).
+part step 200 "$PY benchmarks/bench_training.py --device cuda --amp --channels-last --archs resnet50 \
+  --batch 256 --instances 16 --steps 20 --bn-groups 4 1 --compile --no-epoch"
 
 # The embedded demo (config.yaml: ResNet-18 64x32, synthetic 60 + 30 identities) on CUDA.
 part demo_dag 150 "$PY -m snakemake --cores all --config device=cuda results_dir=$WORK/demo/results \
