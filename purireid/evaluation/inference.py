@@ -26,6 +26,11 @@ def autocast_context(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def precision_in_effect(device: torch.device, amp: bool) -> str:
+    """What `autocast_context` does on `device`, in words: "bf16 autocast" or "float32"."""
+    return "bf16 autocast" if amp and device.type == "cuda" else "float32"
+
+
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,

@@ -22,7 +22,7 @@ import yaml
 
 from purireid import VIEWS, __version__
 from purireid.config.resolve import without_execution_keys
-from purireid.io.files import atomic_path, torch_save_atomic, write_yaml_atomic
+from purireid.io.files import atomic_hdf5, torch_save_atomic, write_yaml_atomic
 from purireid.log import get_logger
 from purireid.model.network import build_model, input_norm_of
 
@@ -154,20 +154,19 @@ def write_teacher_features(
     config: Mapping[str, Any],
 ) -> None:
     """Write the teacher-feature file atomically; no timestamps, so equal features give equal bytes."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            group = h5.create_group("features")
-            for view in VIEWS:
-                array = np.asarray(features[view], dtype=np.float32)
-                group.create_dataset(view, data=array, track_times=False,
-                                     chunks=(min(len(array), 1024), array.shape[1]) if len(array) else None)
-            h5.create_dataset("paths", data=np.asarray(list(paths), dtype=h5py.string_dtype()), track_times=False)
-            h5.create_dataset("camids", data=np.asarray(camids, dtype=np.int64), track_times=False)
-            h5.create_dataset("pids", data=np.asarray(pids, dtype=np.int64), track_times=False)
-            h5.attrs["checkpoint_sha256"] = checkpoint_sha256
-            h5.attrs["image_list_sha256"] = image_list_digest(paths)
-            h5.attrs["config"] = yaml.safe_dump(without_execution_keys(config), sort_keys=False)
-            h5.attrs["purireid_version"] = __version__
+    with atomic_hdf5(path) as h5:
+        group = h5.create_group("features")
+        for view in VIEWS:
+            array = np.asarray(features[view], dtype=np.float32)
+            group.create_dataset(view, data=array, track_times=False,
+                                 chunks=(min(len(array), 1024), array.shape[1]) if len(array) else None)
+        h5.create_dataset("paths", data=np.asarray(list(paths), dtype=h5py.string_dtype()), track_times=False)
+        h5.create_dataset("camids", data=np.asarray(camids, dtype=np.int64), track_times=False)
+        h5.create_dataset("pids", data=np.asarray(pids, dtype=np.int64), track_times=False)
+        h5.attrs["checkpoint_sha256"] = checkpoint_sha256
+        h5.attrs["image_list_sha256"] = image_list_digest(paths)
+        h5.attrs["config"] = yaml.safe_dump(without_execution_keys(config), sort_keys=False)
+        h5.attrs["purireid_version"] = __version__
 
 
 _RERUN = "delete it and rerun extract_teacher_features (snakemake -R extract_teacher_features)"
