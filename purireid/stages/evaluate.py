@@ -15,7 +15,7 @@ from purireid.evaluation.metrics import headline_metrics
 from purireid.io.files import sha256_file, write_json_atomic
 from purireid.log import get_logger
 from purireid.io.checkpoints import load_model_checkpoint
-from purireid.evaluation.inference import cache_dir_for, evaluate_model
+from purireid.evaluation.inference import cache_dir_for, evaluate_model, precision_in_effect
 from purireid.evaluation.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
 
 log = get_logger("evaluate")
@@ -52,6 +52,9 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_js
         "num_valid_queries": int(metrics["num_valid_queries"]),
         "num_gallery": len(splits["gallery"]),
         "rerank": bool(settings["rerank"]),
+        # What was in effect: train.amp is configured everywhere but autocasts on CUDA only.
+        "device": ctx.device.type,
+        "precision": precision_in_effect(ctx.device, config["train"]["amp"]),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
     }
