@@ -1,4 +1,4 @@
-"""Multi-view ResNet of SPEC §2, with optional ghost BatchNorm (``bn_groups``).
+"""Multi-view ResNet of docs/method.md (Model), with optional ghost BatchNorm (``bn_groups``).
 
 The backbone's modules keep torchvision's names (``conv1``, ``bn1``, ``layer1`` ...)
 directly on the model, so a torchvision ResNet state_dict loads into it key for key
@@ -48,7 +48,7 @@ _BACKBONE_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer
 
 
 class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent p (init 3), SPEC §2."""
+    """Generalised-mean pooling with a learnable exponent p (init 3), docs/method.md (Model)."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class MultiViewResNet(nn.Module):
             raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {list(INPUT_NORMS)}")
         self.input_norm = input_norm
         layer4_first = resnet.layer4[0]
-        # Last stride 1 (SPEC §2): the strided conv of layer4's first block + its shortcut.
+        # Last stride 1 (docs/method.md, Model): the strided conv of layer4's first block + its shortcut.
         strided = layer4_first.conv2 if isinstance(layer4_first, tvm.resnet.Bottleneck) else layer4_first.conv1
         strided.stride = (1, 1)
         if layer4_first.downsample is not None:
@@ -190,7 +190,7 @@ def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str
 def build_model(
     arch: str = "resnet50", pretrained: str = "imagenet", bn_groups: int = 1, input_norm: str = "imagenet"
 ) -> MultiViewResNet:
-    """Build the multi-view ResNet of SPEC §2.
+    """Build the multi-view ResNet of docs/method.md (Model).
 
     ``pretrained``: ``"imagenet"`` (torchvision's file in the torch hub cache, see
     :func:`imagenet_weights_path`; a clear ``FileNotFoundError`` when absent, never a

@@ -6,7 +6,7 @@ The `purireid` command (purireid.serving.cli) is a thin layer over this module:
   with state_dict, arch, feat_dim, config, ...) and refuses anything else with a message naming
   the file. The input size comes from the checkpoint's own config (data.height x data.width).
 * `FeatureExtractor(checkpoint, device=...)` gives L2-normalised eval-mode features, the global
-  view by default (the one retrieval uses, SPEC §2), all three on request. Images get the test
+  view by default (the one retrieval uses, docs/method.md), all three on request. Images get the test
   transform of the evaluate stage (bicubic resize, ImageNet normalisation) and are decoded by a
   thread pool one batch ahead of the network, so the features equal the evaluate stage's.
 * `collect_images` turns files, folders (recursive) and manifests into one ordered list.

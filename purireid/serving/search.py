@@ -17,7 +17,7 @@ It is two-stage, whatever the backend:
 So results are identical for every backend and device; only the speed differs.
 
 With identities known (Market-style file names, `0002_c1s1_000451_03.jpg`) the metrics are
-purireid.evaluation.metrics's, under the evaluate stage's protocol (SPEC §8).
+purireid.evaluation.metrics's, under the evaluate stage's protocol (docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage evaluate: query/gallery evaluation of a checkpoint (SPEC §8): eval.json, a CMC plot, ranked lists."""
+"""Stage evaluate: query/gallery evaluation of a checkpoint (docs/method.md): eval.json, a CMC plot, ranked lists."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The training loop shared by the teacher, the student and any run driven by a LabelSource
-(SPEC §3–§6).
+(docs/method.md, Pseudo labels to Hyperparameters).
 
 Every epoch is two steps:
 1. labelling (`label_epoch`): eval-mode features of the train set (or the label source's
@@ -176,7 +176,7 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, memo
                     camera_proxy: float = 0.0) -> dict[str, float]:
     """One optimiser step per batch (images, indices into the train records): memory cross-entropy
     of every view against `labels[indices]`, plus `mu` × the distillation towards `teacher_model`
-    when given (SPEC §4–§5); the memories are updated with the whole global batch after each step.
+    when given (docs/method.md, Distillation); the memories are updated with the whole global batch after each step.
     With `proxies`, each view's cross-entropy gets `camera_proxy` × the camera-proxy term
     (train.camera_proxy; off in the paper), and the proxies are updated like the memories.
 
