@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from purireid.data.datasets import DatasetError, Record
 from purireid.data.samplers import build_sampler, epoch_rng
