@@ -41,12 +41,3 @@ rule all:
     default_target: True
     input:
         final_outputs(),
-        # Not built: the rule graph drawn by Graphviz (`make rulegraph`), shown on the report's
-        # first screen because Snakemake's own drawing of this DAG misleads (README, "Report").
-        rulegraph=report(
-            str(Path(workflow.basedir) / "docs" / "rulegraph.svg"),
-            caption="workflow/report/rulegraph.rst",
-            category=REPORT_SUMMARY,
-            subcategory="workflow",
-            labels={"table": "rule graph"},
-        ),

@@ -49,7 +49,7 @@ PRESET = REPO / "config" / "presets" / "market1501.yaml"
 
 # Market-1501's size: 751 train and 750 test identities; 17 images each is ~12.8k train images.
 MARKET_SYNTHETIC = {"num_train_ids": 751, "num_test_ids": 750, "images_per_id": 17}
-# The full run the extrapolation is for (the paper's schedule, SPEC §6).
+# The full run the extrapolation is for (the paper's schedule, docs/method.md, Hyperparameters).
 FULL_TEACHER_EPOCHS, FULL_STUDENT_EPOCHS, FULL_EVAL_EVERY, EVALUATE_JOBS = 50, 50, 10, 2
 # --smoke: the tests' tiny problem (tests/configs/tiny.yaml) on the recipe.
 SMOKE = {

@@ -85,7 +85,7 @@ def _reciprocal_sets(rank: np.ndarray, k: int) -> list[np.ndarray]:
 
 def released_jaccard(x: np.ndarray, k1: int = K1, k2: int = K2) -> np.ndarray:
     """Dense float32 [N, N] k-reciprocal Jaccard distance computed the way the authors' code
-    does it (SPEC §3.2): a faiss search for k1 columns, then dense V, query expansion and
+    does it (docs/method.md): a faiss search for k1 columns, then dense V, query expansion and
     Jaccard matrices filled row by row, distances 2 - 2·x·y in float32."""
     import faiss
 

@@ -1,4 +1,4 @@
-"""Per-query references of the Market-1501 protocol (SPEC §8) for purireid.evaluation.metrics.
+"""Per-query references of the Market-1501 protocol (docs/method.md) for purireid.evaluation.metrics.
 
 Tests and benchmarks only. `brute_force` is the definition written out (pure Python, small
 inputs); `sklearn_reference` is the released code's way (a stable argsort per query and

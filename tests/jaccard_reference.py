@@ -1,4 +1,4 @@
-"""Dense, loop-based references of SPEC §3.2-3.3 and the test data of the clustering tests.
+"""Dense, loop-based references of docs/method.md (Pseudo labels) and the test data of the clustering tests.
 
 Tests and benchmarks only (small N). Written straight from the spec, row by row like the
 released code, with the same exactness conventions as purireid.labels.neighbours: distance key =

@@ -178,7 +178,7 @@ def leaves(config: dict) -> dict:
 
 
 def test_schema_defaults_are_the_papers_market1501_settings():
-    """A run with no config is the paper (SPEC §6, Market-1501)."""
+    """A run with no config is the paper (docs/method.md, Hyperparameters: Market-1501)."""
     paper = resolve_config({})
     assert paper["recipe"] == []
     assert (paper["model"]["arch"], paper["model"]["pretrained"], paper["model"]["bn_groups"]) == ("resnet50",

@@ -1,4 +1,4 @@
-"""Market-1501 protocol metrics (SPEC §8): mAP, mINP and CMC against hand-made cases, the brute-force
+"""Market-1501 protocol metrics (docs/method.md): mAP, mINP and CMC against hand-made cases, the brute-force
 definition and a scikit-learn per-query loop (tests/evaluation_reference.py)."""
 
 from __future__ import annotations

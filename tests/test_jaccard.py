@@ -1,4 +1,4 @@
-"""purireid.labels.jaccard against the dense loop reference of SPEC §3.2 (tests/jaccard_reference.py)."""
+"""purireid.labels.jaccard against the dense loop reference of docs/method.md (tests/jaccard_reference.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cluster memory, distillation and the fused loss (SPEC §4-§5)."""
+"""Cluster memory, distillation and the fused loss (docs/method.md, Memories and losses; Distillation)."""
 
 from __future__ import annotations
 

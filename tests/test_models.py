@@ -1,4 +1,4 @@
-"""Multi-view ResNet (SPEC §2), weight loading and ghost BatchNorm (bn_groups)."""
+"""Multi-view ResNet (docs/method.md, Model), weight loading and ghost BatchNorm (bn_groups)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
 """Faults a job must survive with a clear message and no damage: a full disk while saving the
-resume state or building the image cache, a truncated teacher-feature file; and outputs that
-are byte-reproducible and readable as the umask allows; a SIGTERM to the whole process group,
-DataLoader workers included. (Signals to the main process: tests/test_stages.py; bad configs:
-tests/test_config.py.)"""
+resume state, building the image cache or writing any other output (one message for every
+writer), a truncated teacher-feature file, an image damaged after prepare_dataset, the hidden
+temporaries a killed job leaves; outputs that are byte-reproducible and readable as the umask
+allows; and a SIGTERM to the whole process group, DataLoader workers included. (Signals to the
+main process: tests/test_stages.py; bad configs: tests/test_config.py.)"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,8 +24,11 @@ import torch
 
 from conftest import REPO, fake_snakemake, prepare_tiny_dataset, run_workflow_script, tiny_config
 from purireid import VIEWS
-from purireid.data import TrainLoader, build_image_cache, build_test_loader, generate_synthetic, load_dataset
-from purireid.io.files import DiskFullError, atomic_path, torch_save_atomic, write_text_atomic
+from purireid.data import DatasetError, TrainLoader, build_image_cache, build_test_loader, generate_synthetic, load_dataset
+from purireid.data.prepare import validate_images
+from purireid.io.files import (
+    DiskFullError, atomic_path, torch_save_atomic, write_json_atomic, write_text_atomic, write_yaml_atomic,
+)
 from purireid.model.network import build_model
 from purireid.io.checkpoints import save_model_checkpoint, save_state
 from purireid.io.features import FeatureFileMismatch, read_teacher_features, write_teacher_features
@@ -98,6 +103,119 @@ def test_disk_full_image_cache_lands_in_the_rule_log(small_tmpfs, tmp_path, tiny
     assert not any((small_tmpfs / "data" / "cache").glob("*"))
 
 
+# --------------------------------------------------------------------------- D4: every writer, disk full
+
+
+def fill_up(folder: Path) -> None:
+    """Fill the file system holding `folder` to its last byte."""
+    with open(folder / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def _plot(path: Path) -> None:
+    from purireid.evaluation.reporting import plot_cmc
+
+    plot_cmc(path, [0.1 * k for k in range(1, 11)], "CMC")
+
+
+WRITERS = {
+    "text": lambda path: write_text_atomic(path, "x" * 10_000),
+    "json": lambda path: write_json_atomic(path, {"mAP": 0.5, "cmc": [0.5] * 1000}),
+    "yaml": lambda path: write_yaml_atomic(path, {"train": {"lr": 0.1}, "paths": ["a" * 100] * 100}),
+    "torch": lambda path: torch_save_atomic({"w": torch.zeros(10_000)}, path),
+    "hdf5": lambda path: _write_features(path),
+    "png": _plot,
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_every_writer_names_the_full_device(small_tmpfs, writer, capfd):
+    """torch, h5py (which reports a failed write in words: "errno = 28"), matplotlib and plain
+    files all end in the same message, with no temporary file left and nothing else printed."""
+    fill_up(small_tmpfs)
+    target = small_tmpfs / "out" / f"output.{writer}"
+    with pytest.raises(DiskFullError) as info:
+        WRITERS[writer](target)
+    message = str(info.value)
+    assert f"no space left on the device holding {target.parent} while writing {target}" in message, message
+    assert "free space there" in message, message
+    assert leftovers(small_tmpfs) == ["filler", "out"], "a temporary file was left behind"
+    assert "Traceback" not in capfd.readouterr().err  # h5py's failed flushes are not printed one by one
+
+
+def test_disk_full_in_words_is_recognised():
+    """Libraries that report a failed write as text (HDF5's "errno = 28") are mapped too."""
+    from purireid.io.files import is_disk_full
+
+    hdf5 = RuntimeError("Disable slist on flush dest failure failed (file write failed: time = ..., errno = 28, "
+                        "error message = 'No space left on device', buf = 0x1)")
+    assert is_disk_full(hdf5) and is_disk_full(OSError(errno.EDQUOT, "quota"))
+    assert not is_disk_full(RuntimeError("errno = 280")) and not is_disk_full(OSError(errno.EACCES, "denied"))
+    wrapped = RuntimeError("PytorchStreamWriter failed writing file data/0")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert is_disk_full(wrapped)
+
+
+def test_disk_full_teacher_features_lands_in_the_rule_log(small_tmpfs, tmp_path, tiny_images, capfd):
+    """The extract_teacher_features job writing train_features.h5 onto a full disk: the rule log's
+    error line is the common one, naming the file (not HDF5's "Disable slist on flush dest failure");
+    the job exits with status 1 and leaves no temporary file."""
+    from purireid.data import write_manifest
+
+    config = tiny_config(tiny_images["root"], data={"height": 64, "width": 32, "use_cache": False})
+    manifest = tmp_path / "data" / "manifest.csv"
+    write_manifest(manifest, {"train": tiny_images["train"], "query": [], "gallery": []})
+    checkpoint = tmp_path / "model.pth"
+    torch.manual_seed(0)
+    save_model_checkpoint(checkpoint, build_model("resnet18", "none"), config)
+    log = tmp_path / "extract.log"
+    features = small_tmpfs / "teacher" / "train_features.h5"  # 48 images x 3 views x 512 floats > 256 KiB
+    job = fake_snakemake("extract_teacher_features", config, log=log,
+                         input={"manifest": manifest, "checkpoint": checkpoint}, output={"features": features})
+    with pytest.raises(SystemExit) as info:
+        run_workflow_script("extract_teacher_features.py", job)
+    assert info.value.code == 1
+    failed = [line for line in log.read_text().splitlines() if "extract_teacher_features failed" in line]
+    assert len(failed) == 1 and f"no space left on the device holding {features.parent} while writing {features}" \
+        in failed[0], failed
+    assert leftovers(small_tmpfs / "teacher") == []
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- D5: a killed job's temporaries
+
+
+def test_a_job_removes_the_temporaries_of_its_own_outputs_at_its_start(tmp_path):
+    """SIGKILL while an output or the resume state is written leaves hidden `.name.XXXX.tmp`
+    files; the job's next start removes its own (so the state folder can go once it succeeds),
+    and leaves alone those of other jobs' outputs in the same folder."""
+    if str(REPO / "workflow" / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+    from _workflow import run_stage
+
+    teacher, state = tmp_path / "teacher", tmp_path / "teacher" / "state"
+    state.mkdir(parents=True)
+    own = [teacher / ".model.pth.a1b2c3d4.tmp", teacher / ".log.jsonl.x_y_z_12.tmp", state / ".state.pth.k9_x2abc.tmp"]
+    others = [teacher / ".train_features.h5.abcdefgh.tmp", teacher / "eval.json", state / "state.pth"]
+    for path in own + others:
+        path.write_bytes(b"partial")
+    outputs = {name: teacher / name for name in ("model.pth", "log.jsonl", "config.yaml", "curve.png")}
+    job = fake_snakemake("train_teacher", tiny_config(tmp_path), log=tmp_path / "train_teacher.log", output=outputs,
+                         params={"state_dir": state})
+    seen = []
+    run_stage(job, seen.append)
+    assert len(seen) == 1  # the job ran
+    assert not any(p.exists() for p in own), [p for p in own if p.exists()]
+    assert all(p.exists() for p in others)
+    text = (tmp_path / "train_teacher.log").read_text()
+    assert "removed 3 temporary file(s)" in text and str(state / ".state.pth.k9_x2abc.tmp") in text, text
+    assert "device cpu (float32; train.amp applies on CUDA only)" in text, text
+
+
 # --------------------------------------------------------------------------- D6: truncated feature file
 
 
@@ -122,6 +240,31 @@ def test_truncated_teacher_features_name_the_file_and_the_fix(tmp_path):
             read_teacher_features(path)
         message = str(info.value)
         assert str(path) in message and "rerun extract_teacher_features" in message, message
+
+
+# --------------------------------------------------------------------------- D6b: an image damaged after prepare
+
+
+def test_image_damaged_after_prepare_names_the_file_and_the_fix(tmp_path, tiny_images):
+    """An image truncated in place after prepare_dataset validated it: every loader path names the
+    file and the fix (rerun prepare_dataset, whose validation names it in turn), not PIL's bare
+    "Truncated File Read"."""
+    root = tmp_path / "images"
+    shutil.copytree(tiny_images["root"], root)
+    records = load_dataset("synthetic", root)["train"]
+    damaged = root / records[5].path
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    fix = "rerun prepare_dataset (snakemake -R prepare_dataset)"
+    with pytest.raises(DatasetError) as info:
+        build_image_cache(records, root, tmp_path / "cache", 64, 32, workers=1, progress=False)
+    assert f"image {damaged} cannot be read" in str(info.value) and fix in str(info.value), info.value
+    assert not any((tmp_path / "cache").glob("*")), "a temporary cache file was left behind"
+    with pytest.raises(DatasetError) as info:
+        list(build_test_loader(records, root, height=64, width=32, batch_size=16))
+    assert f"image {damaged} cannot be read" in str(info.value) and fix in str(info.value), info.value
+    with pytest.raises(DatasetError) as info:  # the check the message points to finds it too
+        validate_images([root / r.path for r in records], workers=1, progress=False)
+    assert str(damaged) in str(info.value), info.value
 
 
 # --------------------------------------------------------------------------- D7: byte-reproducible outputs

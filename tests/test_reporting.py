@@ -15,9 +15,11 @@ from purireid.data import Record
 from purireid.log import Progress, progress_iter
 from purireid.evaluation.reporting import (
     REPORT_MAX_SIZE,
+    lr_drops,
     plot_training_curve,
     ranked_list_layout,
     ranked_list_picture,
+    training_curve_figure,
 )
 
 
@@ -40,6 +42,48 @@ def test_training_curve_fits_the_report(tmp_path):
     plot_training_curve(path, [{"epoch": 0, "phase": "train", "loss": 1.0, "clusters": 3, "outliers": 0,
                                 "purity": None, "mAP": None, "rank1": None}], "teacher")
     assert path.stat().st_size > 1000
+
+
+def training_log(epochs: int, *, warmup: bool, step_size: int, lr: float = 1e-3) -> list[dict]:
+    """A log as the trainer writes it: the untrained evaluation, then one record per epoch with its
+    learning rate (StepLR: x0.1 every `step_size` epochs, the warm-up counted first)."""
+    records = [{"epoch": None, "phase": "untrained", "mAP": 0.1, "rank1": 0.2}]
+    for k, epoch in enumerate(range(-1 if warmup else 0, epochs)):
+        records.append({"epoch": epoch, "phase": "warmup" if epoch < 0 else "train", "loss": 3.0 - 0.01 * k,
+                        "clusters": 20, "outliers": 5, "purity": 0.7, "lr": lr * 0.1 ** (k // step_size),
+                        "mAP": 0.3 if epoch >= 0 else None, "rank1": 0.4 if epoch >= 0 else None})
+    return records
+
+
+@pytest.mark.parametrize(("epochs", "warmup", "step_size", "drops"), [
+    (8, True, 6, [5]),            # the demo's student: its rate falls after the warm-up and 5 epochs
+    (8, False, 20, []),           # the demo's teacher
+    (50, False, 20, [20, 40]),    # the paper's teacher
+    (50, True, 20, [19, 39]),     # the paper's student (its warm-up counts as a step)
+])
+def test_training_curve_labels_apart_and_lr_drops_marked(epochs, warmup, step_size, drops):
+    """No two x labels overlap ("untrained" and the warm-up's used to), and each fall of the
+    learning rate is marked where the log's lr changes."""
+    records = training_log(epochs, warmup=warmup, step_size=step_size)
+    assert [epoch for epoch, _ in lr_drops(records)] == drops
+    fig = training_curve_figure(records, "student (synthetic)")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes[2:]:  # the bottom row carries the labels
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.get_xticklabels() if t.get_text()]
+            assert "\nuntrained" in [text for text, _ in boxes]
+            assert ("−1\nwarm-up" in [text for text, _ in boxes]) == warmup
+            for k, (text, box) in enumerate(boxes):
+                for other, other_box in boxes[k + 1:]:
+                    assert not box.overlaps(other_box), (text, other)
+        marked = sorted({line.get_xdata()[0] for line in fig.axes[0].lines if line.get_linestyle() == "--"})
+        assert marked == [epoch - 0.5 for epoch in drops]
+        assert [t.get_text() for t in fig.axes[0].texts] == ["lr ×0.1"] * len(drops)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 @pytest.mark.parametrize("num_queries", [1, 2, 4, 8, 12])

@@ -7,6 +7,7 @@ import pytest
 
 from purireid.evaluation.summary import (
     TSV_COLUMNS,
+    computed_on,
     format_duration,
     record_phase,
     summary_rows,
@@ -61,6 +62,21 @@ def test_markdown_and_html_show_percentages(run):
     assert "re-ranking off" in md and "fractions" in md
     html = to_html(run, dataset="synthetic", rerank=False)
     assert html.count("<tr>") == 4 and "<th" in html and "57.4" in html and ">Rank-1<" in html and "in %" in html
+
+
+def test_notes_say_what_was_in_effect(run):
+    """The config's train.amp asks for bf16 autocast everywhere; the table says what the
+    evaluations ran with (eval.json's device and precision)."""
+    cpu = {"device": "cpu", "precision": "float32"}
+    note = computed_on({"teacher": {**evaluation(0.5), **cpu}, "student": {**evaluation(0.6), **cpu}})
+    assert note == "Evaluated on the CPU in float32 (train.amp's bf16 autocast applies on CUDA only)."
+    assert note in to_markdown(run, dataset="synthetic", rerank=False, computed=note)
+    assert "float32" in to_html(run, dataset="synthetic", rerank=False, computed=note)
+    mixed = computed_on({"teacher": {"device": "cuda", "precision": "bf16 autocast"}, "student": cpu})
+    assert mixed.startswith("Evaluated on teacher: cuda in bf16 autocast, student: cpu in float32"), mixed
+    assert computed_on({"teacher": {"device": "cuda", "precision": "bf16 autocast"}}) == \
+        "Evaluated on CUDA in bf16 autocast."
+    assert computed_on({"teacher": evaluation(0.5)}) is None  # an eval.json from before the fields
 
 
 def test_tsv_is_machine_readable(run):

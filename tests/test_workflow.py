@@ -102,7 +102,7 @@ def test_dry_run_presets_without_data(tmp_path, preset):
 
 
 def test_presets_hold_the_paper_settings():
-    """A preset merged over config.yaml, as the commands above run it, is the paper (SPEC §6) on its
+    """A preset merged over config.yaml, as the commands above run it, is the paper (docs/method.md, Hyperparameters) on its
     dataset: its `recipe: []` drops config.yaml's CPU sizes and camera options."""
     from purireid.config.resolve import load_config
 
@@ -271,6 +271,8 @@ def test_end_to_end_outputs(tiny_run):
         ["| untrained", "| teacher", "| student"]
     assert table.strip() in proc.stderr and proc.stderr.rindex(table.strip()) > proc.stderr.rindex("Finished"), \
         proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count(table.strip()) == 1, "the closing table is printed once"
+    assert "Evaluated on the CPU in float32" in table  # what was in effect, whatever train.amp says
     # Saved console output and job logs stay readable: no progress bars' carriage returns.
     assert "\r" not in proc.stdout + proc.stderr
     for log in (base / "logs").glob("*.log"):
@@ -390,6 +392,23 @@ def test_report(tiny_run, tiny_report):
             assert f"<strong>{model}</strong>" in captions[f"{model}/{name}"], (model, name)
     assert not any("the  model" in c for c in captions.values())
     assert "purireid-summary" in captions["synthetic/summary.html"]
+    # Every file by its path in the run's folder (the breadcrumb shows it), none by the machine's.
+    assert "results/synthetic/rulegraph.svg" in data["results"]
+    assert not [path for path in data["results"] if path.startswith("/") or ".." in path]
+
+
+@pytest.mark.slow
+def test_report_with_directory_elsewhere(tiny_run):
+    """One checkout, several experiment folders: `snakemake --directory <folder> --report ...` run
+    from the checkout finds the workflow profile's stylesheet (Snakemake 9.27 resolved it against
+    the experiment folder: "Unable to read custom report stylesheet")."""
+    workdir, _, _ = tiny_run
+    report = workdir / "report-from-the-checkout.html"
+    proc = subprocess.run([snakemake_exe(), "--directory", str(workdir), "--configfile", str(TINY),
+                           "--report", str(report)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text(errors="replace")
+    assert ".h-screen.items-center.justify-center" in text and "align-items: flex-start" in text  # report.css
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

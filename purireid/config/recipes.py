@@ -1,6 +1,6 @@
 """Named recipes: every setting that is not the paper's, grouped into named parts, defined once.
 
-The schema's defaults are the paper's Market-1501 settings (SPEC §6). Anything else is a *part*:
+The schema's defaults are the paper's Market-1501 settings (docs/method.md, Hyperparameters). Anything else is a *part*:
 a named config overlay (`camera_centre` sets cluster.camera_centre true). A *recipe* is a named
 list of parts (`camera_robust` = per-image input standardisation, camera centring, same-camera
 offset, memory momentum). A config chooses them with its top-level key `recipe`, a list of

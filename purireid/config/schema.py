@@ -2,7 +2,7 @@
 defaults, and nested mappings (merging, dotted keys).
 
 The schema (config/schemas/config.schema.yaml) is the single list of keys; its defaults are the
-paper's Market-1501 settings (SPEC §6). Nothing here validates a run: that is
+paper's Market-1501 settings (docs/method.md, Hyperparameters). Nothing here validates a run: that is
 `purireid.config.resolve.resolve_config`.
 """
 

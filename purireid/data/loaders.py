@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from purireid.data.datasets import Record
+from purireid.data.datasets import DatasetError, Record
 from purireid.data.samplers import build_sampler, epoch_rng
 from purireid.data.transforms import (
     PAD, AugParams, augment_batch, augment_pil, load_resized, normalise_batch, sample_augmentation,
@@ -36,6 +37,20 @@ from purireid.runtime.signals import ignore_stop_signals, stop_signals_blocked
 
 CACHE_VERSION = 1
 _CACHE_CHUNK = 256  # rows decoded ahead of the writer
+
+
+def load_image(data_root: str | Path, record: Record, height: int, width: int) -> Image.Image:
+    """`record`'s image decoded and bicubic-resized. One that no longer decodes (truncated,
+    replaced or removed since prepare_dataset validated it) raises DatasetError naming the file
+    and the fix; the decoder's own message ("Truncated File Read") names neither."""
+    path = Path(data_root) / record.path
+    try:
+        return load_resized(path, height, width)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all three
+        raise DatasetError(
+            f"image {path} cannot be read ({exc}): it changed after prepare_dataset validated it; fix: rerun "
+            "prepare_dataset (snakemake -R prepare_dataset), which decodes every image and names the damaged "
+            "ones, then restore those from the dataset's archive (a synthetic dataset: delete its folder)") from exc
 
 
 # --------------------------------------------------------------------------- image cache
@@ -73,7 +88,7 @@ def build_image_cache(records: Sequence[Record], data_root: str | Path, cache_di
         raise disk_full_error(path, needed)
 
     def load(i: int) -> np.ndarray:  # PIL releases the GIL while decoding and resizing
-        return np.asarray(load_resized(root / records[i].path, height, width), dtype=np.uint8)
+        return np.asarray(load_image(root, records[i], height, width), dtype=np.uint8)
 
     with atomic_path(path) as tmp, open(tmp, "wb") as handle, ThreadPoolExecutor(max(1, workers)) as pool, \
             Progress(n, "caching images", unit="img", enabled=progress) as bar:
@@ -140,7 +155,7 @@ class _TrainBatches(Dataset):
             return torch.from_numpy(self._cache[idx]), torch.from_numpy(idx), params
         root = Path(loader.data_root)
         images = torch.stack([
-            augment_pil(load_resized(root / loader.records[i].path, loader.height, loader.width), params, j,
+            augment_pil(load_image(root, loader.records[i], loader.height, loader.width), params, j,
                         pad=loader.crop_pad)
             for j, i in enumerate(idx)])
         return images, torch.from_numpy(idx)
@@ -230,7 +245,7 @@ class _TestBatches(Dataset):
                 self._cache = open_image_cache(self.cache_path)
             return normalise_batch(torch.from_numpy(np.array(self._cache[lo:hi]))), idx
         root = Path(self.data_root)
-        return torch.stack([to_normalised_tensor(load_resized(root / r.path, self.height, self.width))
+        return torch.stack([to_normalised_tensor(load_image(root, r, self.height, self.width))
                             for r in self.records[lo:hi]]), idx
 
 
@@ -250,5 +265,5 @@ def build_test_loader(records: Sequence[Record], data_root: str | Path, *, heigh
     return _WorkerLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
-__all__ = ["AugParams", "TrainLoader", "build_image_cache", "build_test_loader", "cache_key",
+__all__ = ["AugParams", "TrainLoader", "build_image_cache", "build_test_loader", "cache_key", "load_image",
            "open_image_cache"]

@@ -1,4 +1,4 @@
-"""Multi-instance identity samplers driven by pseudo labels (SPEC §6).
+"""Multi-instance identity samplers driven by pseudo labels (docs/method.md, Hyperparameters).
 
 One *pass* visits every pseudo-id once in random order: one random anchor image, then
 num_instances - 1 more images of the same pseudo-id, preferably from cameras other than the
@@ -86,7 +86,7 @@ class MultiInstanceSampler:
 
 
 class CameraAwareSampler(MultiInstanceSampler):
-    """SPEC §6 sampler: other instances preferably from other cameras of the same pseudo-id."""
+    """The paper's sampler: other instances preferably from other cameras of the same pseudo-id."""
 
     def __init__(self, labels: ArrayLike, camids: ArrayLike, num_instances: int) -> None:
         super().__init__(labels, camids, num_instances, camera_aware=True)

@@ -1,4 +1,4 @@
-"""Train / test transforms of SPEC §6, in two interchangeable implementations.
+"""Train / test transforms of docs/method.md (Hyperparameters), in two interchangeable implementations.
 
 Train order: bicubic resize -> horizontal flip (p 0.5) -> pad 10 (black) + random crop ->
 ImageNet normalisation -> random erasing (p 0.5, area 0.02-0.4, aspect in [0.3, 1/0.3]).
@@ -158,7 +158,7 @@ def normalise_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Stand-alone SPEC §6 train transform on a PIL image: `t(img, rng=None) -> [3, H, W]`."""
+    """Stand-alone train transform (docs/method.md) on a PIL image: `t(img, rng=None) -> [3, H, W]`."""
 
     def __init__(self, height: int = 256, width: int = 128) -> None:
         self.height, self.width = height, width
@@ -170,7 +170,7 @@ class TrainTransform:
 
 
 class TestTransform:
-    """SPEC §6 test transform: bicubic resize + ImageNet normalisation."""
+    """Test transform (docs/method.md): bicubic resize + ImageNet normalisation."""
 
     def __init__(self, height: int = 256, width: int = 128) -> None:
         self.height, self.width = height, width

@@ -36,6 +36,11 @@ def autocast_context(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def precision_in_effect(device: torch.device, amp: bool) -> str:
+    """What `autocast_context` does on `device`, in words: "bf16 autocast" or "float32"."""
+    return "bf16 autocast" if amp and device.type == "cuda" else "float32"
+
+
 @torch.no_grad()
 def feature_batches(
     model: torch.nn.Module,
@@ -173,7 +178,7 @@ def extract_records(model: torch.nn.Module, records: Sequence[Record], config: M
 def evaluate_model(model: torch.nn.Module, splits: Mapping[str, Sequence[Record]], config: Mapping[str, Any],
                    ctx: DistContext, *, rerank: bool, max_rank: int, topk: int = 0,
                    cache_dir: Path | None = None) -> dict:
-    """mAP / CMC (ranks 1..max_rank) of the global view on query vs gallery (SPEC §8), plus the
+    """mAP / CMC (ranks 1..max_rank) of the global view on query vs gallery (docs/method.md), plus the
     `topk` best gallery indices per query when topk > 0 (see purireid.evaluation.metrics)."""
     query = extract_records(model, splits["query"], config, ctx, "query", cache_dir)["global"]
     gallery = extract_records(model, splits["gallery"], config, ctx, "gallery", cache_dir)["global"]

@@ -1,4 +1,4 @@
-"""Market-1501 evaluation protocol (SPEC §8): mAP, mINP and CMC, vectorised and chunked.
+"""Market-1501 evaluation protocol (docs/method.md, Evaluation protocol): mAP, mINP and CMC, vectorised and chunked.
 
 Ranking rule: gallery items are ordered by distance, ties broken by gallery index (the
 order of a stable argsort). For each query, gallery items with the same pid *and* the same
@@ -271,7 +271,7 @@ def evaluate_rank(
 
 
 def _sq_euclidean(qf: Tensor, gf: Tensor, g_sq: Tensor) -> Tensor:
-    # |q|^2 + |g|^2 - 2 q.g  (= 2 - 2 cos for L2-normalised rows, SPEC §8)
+    # |q|^2 + |g|^2 - 2 q.g  (= 2 - 2 cos for L2-normalised rows, docs/method.md)
     d = torch.addmm(g_sq[None, :], qf, gf.T, beta=1.0, alpha=-2.0)
     return d.add_(qf.pow(2).sum(dim=1, keepdim=True))
 

@@ -52,28 +52,40 @@ def _pyplot() -> Any:
 
 
 def _epoch_ticks(epochs: Sequence[int], max_ticks: int = 12) -> list[int]:
-    """The epochs to label: all of them, or every k-th (and the last) when there are many."""
+    """The epochs to label: all of them, or every k-th (and the last) when there are many; a
+    thinned axis keeps k epochs clear of the warm-up's label."""
     if len(epochs) <= max_ticks:
         return list(epochs)
     step = math.ceil(len(epochs) / (max_ticks - 1))
-    picked = [e for e in epochs if e < 0 or e % step == 0]
+    picked = [e for e in epochs if e < 0 or (e % step == 0 and not (-1 in epochs and e < step - 1))]
+    last_gap = epochs[-1] - picked[-1]
+    if 0 < last_gap < step / 2:  # the last epoch would crowd the tick before it
+        picked.pop()
     return picked + ([epochs[-1]] if epochs[-1] not in picked else [])
 
 
-def plot_training_curve(path: str | Path, records: Sequence[Mapping[str, Any]], title: str) -> None:
-    """Four panels per epoch: loss; clusters and outliers; pseudo-label quality against the true
-    identities (cluster purity, and NMI / ARI / multi-camera share when logged); query/gallery
-    mAP and Rank-1 (%).
+def lr_drops(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    """(epoch, factor) where the learning rate (each record's "lr") fell from the epoch before."""
+    drops, previous = [], None
+    for record in records:
+        if record_phase(record) == PHASE_UNTRAINED or record.get("lr") is None:
+            continue
+        if previous is not None and record["lr"] < previous:
+            drops.append((int(record["epoch"]), record["lr"] / previous))
+        previous = record["lr"]
+    return drops
 
-    The untrained model's evaluation is no epoch: it gets its own position, labelled
-    "untrained", left of a dotted line. The student's warm-up (epoch -1) is shaded.
-    """
+
+def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """The figure `plot_training_curve` saves (matplotlib, not yet closed)."""
     plt = _pyplot()
     trained = [r for r in records if record_phase(r) != PHASE_UNTRAINED]
     untrained = [r for r in records if record_phase(r) == PHASE_UNTRAINED and r.get("mAP") is not None]
     x = [int(r["epoch"]) for r in trained]
-    first = min(x) if x else 0
-    x_untrained = first - 1.5
+    first, last = (min(x), max(x)) if x else (0, 0)
+    # The untrained model's own position, a fifth of the axis left of the first epoch: far enough
+    # for its label to clear the warm-up's however many epochs follow.
+    x_untrained = first - max(1.5, (last - first + 1) / 4)
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
     ax_loss, ax_labels, ax_quality, ax_acc = axes.flat
 
@@ -114,23 +126,43 @@ def plot_training_curve(path: str | Path, records: Sequence[Mapping[str, Any]], 
     ax_acc.set_ylim(bottom=0)
     ax_acc.set_title("query/gallery mAP and Rank-1 (%)")
 
+    # Epoch numbers on the first line of the labels, the untrained model and the warm-up named on
+    # the second, so that neither crowds a number.
     ticks = _epoch_ticks(sorted(set(x)))
-    labels = ["warm-up\n(−1)" if t == -1 else str(t) for t in ticks]
+    labels = ["−1\nwarm-up" if t == -1 else str(t) for t in ticks]
     if untrained:
-        ticks, labels = [x_untrained, *ticks], ["untrained", *labels]
+        ticks, labels = [x_untrained, *ticks], ["\nuntrained", *labels]
+    drops = lr_drops(trained)
     for ax in axes.flat:
         if -1 in x:
             ax.axvspan(-1.5, -0.5, color="0.9", zorder=0)
         if untrained:
-            ax.axvline(first - 0.75, color="0.5", linestyle=":", linewidth=1)
+            ax.axvline((x_untrained + first) / 2, color="0.5", linestyle=":", linewidth=1)
+        for epoch, _ in drops:  # the schedule's step, between the last epoch at the old rate and the first at the new
+            ax.axvline(epoch - 0.5, color="C3", linestyle="--", linewidth=1, alpha=0.6)
         ax.grid(alpha=0.3)
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels)
+    for epoch, factor in drops:
+        ax_loss.annotate(f"lr ×{factor:.3g}", (epoch - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(3, -3), textcoords="offset points", ha="left", va="top", fontsize=8, color="C3")
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     fig.suptitle(title)
     fig.tight_layout()
-    _save_figure(fig, path)
+    return fig
+
+
+def plot_training_curve(path: str | Path, records: Sequence[Mapping[str, Any]], title: str) -> None:
+    """Four panels per epoch: loss; clusters and outliers; pseudo-label quality against the true
+    identities (cluster purity, and NMI / ARI / multi-camera share when logged); query/gallery
+    mAP and Rank-1 (%).
+
+    The untrained model's evaluation is no epoch: it gets its own position, labelled
+    "untrained", left of a dotted line. The student's warm-up (epoch -1) is shaded; each fall of
+    the learning rate is a dashed red line with its factor ("lr ×0.1").
+    """
+    _save_figure(training_curve_figure(records, title), path)
 
 
 def plot_cmc(path: str | Path, cmc: Sequence[float], title: str) -> None:

@@ -119,10 +119,27 @@ def protocol_note(*, dataset: str, rerank: bool) -> str:
             f"{'on' if rerank else 'off'}); percentages (eval.json and log.jsonl hold fractions).")
 
 
-def notes(*, dataset: str, rerank: bool) -> list[str]:
-    """What the table's columns mean, under it."""
+def computed_on(evaluations: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Where and in which precision the evaluations ran (eval.json's "device" and "precision"),
+    as a note: the configured train.amp asks for bf16 autocast, which takes effect on CUDA only,
+    so the config alone does not say. None when the files do not record it."""
+    done = {model: (e["device"], e["precision"]) for model, e in evaluations.items() if e.get("device")}
+    if not done:
+        return None
+    settings = sorted(set(done.values()))
+    if len(settings) == 1:
+        device, precision = settings[0]
+        where = f"on {'the CPU' if device == 'cpu' else device.upper()} in {precision}"
+    else:
+        where = "on " + ", ".join(f"{model}: {device} in {precision}" for model, (device, precision) in done.items())
+    unused = " (train.amp's bf16 autocast applies on CUDA only)" if any(d == "cpu" for d, _ in settings) else ""
+    return f"Evaluated {where}{unused}."
+
+
+def notes(*, dataset: str, rerank: bool, computed: str | None = None) -> list[str]:
+    """What the table's columns mean, under it (and where it was computed, `computed_on`)."""
     return [
-        protocol_note(dataset=dataset, rerank=rerank),
+        protocol_note(dataset=dataset, rerank=rerank) + (f" {computed}" if computed else ""),
         "untrained: the teacher's starting weights, evaluated before its first epoch. "
         "queries: queries with a true match in the gallery. epochs: training epochs "
         "(warm-up + epochs for the student, whose warm-up epoch -1 learns from the teacher's clusters). "
@@ -143,21 +160,22 @@ def to_tsv(rows: Sequence[SummaryRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_markdown(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool) -> str:
+def to_markdown(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool, computed: str | None = None) -> str:
     """The table a run prints at its end (summary.md)."""
     lines = [f"## purireid results: {dataset}", "",
              "| " + " | ".join(HEADERS) + " |",
              "|:--|" + "--:|" * (len(HEADERS) - 1)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes(dataset=dataset, rerank=rerank)) + "\n"
+    below = notes(dataset=dataset, rerank=rerank, computed=computed)
+    return "\n".join(lines) + "\n\n" + "\n\n".join(below) + "\n"
 
 
-def to_html(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool) -> str:
+def to_html(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool, computed: str | None = None) -> str:
     """An HTML fragment (styles inline): the report's first screen (a column ~500 px wide) and
     its Summary entry. Metric headers without "(%)" to fit; the first note says percentages."""
     headers = ("model", *(name for _, name in METRICS), "queries", "epochs", "training time")
     return html_table(f"Results: {dataset}", "(mAP, mINP, Rank-k in %)", headers, [_cells(row) for row in rows],
-                      notes(dataset=dataset, rerank=rerank), css_class="purireid-summary")
+                      notes(dataset=dataset, rerank=rerank, computed=computed), css_class="purireid-summary")
 
 
 def html_table(title: str, subtitle: str, headers: Sequence[str], cells: Sequence[Sequence[str]],

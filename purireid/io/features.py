@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from purireid import VIEWS, __version__
-from purireid.io.files import atomic_path
+from purireid.io.files import atomic_hdf5
 
 __all__ = ["FEATURE_FILE_FORMAT", "FeatureFile", "FeatureFileMismatch", "describe_hdf5", "read_feature_file",
            "read_teacher_features", "write_feature_file", "write_teacher_features"]
@@ -79,7 +79,7 @@ def write_feature_file(path: str | Path, features: Mapping[str, Any], paths: Seq
     if kind not in KINDS:
         raise ValueError(f"unknown feature file kind {kind!r} (one of {', '.join(KINDS)})")
     strings = h5py.string_dtype()
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_hdf5(path) as h5:  # built in memory: HDF5 must never meet a full disk itself
         group = h5.create_group("features")
         for view in (v for v in VIEWS if v in features):
             array = np.asarray(features[view], dtype=np.float32)

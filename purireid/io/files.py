@@ -3,18 +3,23 @@
 Every output goes through `atomic_path`: written under a hidden temporary name beside the
 target, made readable as the umask allows (not mkstemp's 0600), then renamed into place. A
 full disk surfaces as `DiskFullError` naming the target and the folder to clear, with the
-temporary file removed.
+temporary file removed, whatever library wrote it (torch, h5py, matplotlib, PIL, plain
+files): `is_disk_full` recognises their ways of saying so. A job killed while writing leaves
+the hidden temporary behind; `remove_stale_temporaries` clears those of its outputs at its
+next start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +46,23 @@ def current_umask() -> int:
     return mask
 
 
-def _no_space_error(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT OSError behind `exc`, if any (libraries such as torch wrap it)."""
+# Libraries that report a failed write in words rather than as an OSError: HDF5 ("errno = 28"),
+# and any message quoting the C library's text for ENOSPC / EDQUOT.
+_NO_SPACE_TEXT = re.compile("|".join([*(rf"errno\s*=\s*{code}\b" for code in _NO_SPACE),
+                                      *(re.escape(os.strerror(code)) for code in _NO_SPACE)]))
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it wraps, says the device or the quota is full."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-            return exc
+            return True
+        if _NO_SPACE_TEXT.search(str(exc)):
+            return True
         exc = exc.__cause__ or exc.__context__
-    return None
+    return False
 
 
 def disk_full_error(path: str | Path, needed: int | None = None) -> DiskFullError:
@@ -69,7 +82,8 @@ def disk_full_error(path: str | Path, needed: int | None = None) -> DiskFullErro
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The file gets the mode a plain open() would give it (0666 minus the umask).
+    The file gets the mode a plain open() would give it (0666 minus the umask). A full disk
+    raises DiskFullError naming `path`, however the writing library reported it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,12 +97,51 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
     except BaseException as exc:
-        if _no_space_error(exc) is not None and not isinstance(exc, DiskFullError):
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
             raise disk_full_error(path) from exc
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_hdf5(path: str | Path) -> Iterator[Any]:
+    """Yield a writable h5py.File, built in memory and written to `path` through `atomic_path`
+    when the block succeeds. HDF5 itself never writes to the disk: a full disk during its own
+    flush leaves the library with half-closed objects that crash the interpreter at exit
+    (HDF5 2.0), while a plain write fails cleanly (DiskFullError)."""
+    import io
+
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        yield h5
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def temporary_names(path: str | Path) -> list[Path]:
+    """The hidden temporaries `atomic_path` may have left beside `path` (a killed writer's)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file())
+
+
+def remove_stale_temporaries(outputs: Iterable[str | Path], folders: Iterable[str | Path] = ()) -> list[Path]:
+    """Delete what killed writers left: the hidden temporaries of `outputs` (made by
+    `atomic_path`), and every hidden ``.*.tmp`` file directly in `folders` (a job's own
+    state folder). Call it at a job's start, before anything writes; returns what it removed."""
+    stale = [tmp for output in outputs for tmp in temporary_names(output)]
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            stale += sorted(p for p in folder.glob(".*.tmp") if p.is_file())
+    for tmp in stale:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return stale
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Pseudo labels (SPEC §3.3-3.5): fusion of the views' Jaccard distances, DBSCAN, cluster centres.
+"""Pseudo labels (docs/method.md, Pseudo labels): fusion of the views' Jaccard distances, DBSCAN, cluster centres.
 
 Pure functions on in-memory arrays. The per-view k-reciprocal Jaccard distance comes from
 purireid.labels.jaccard (on the exact neighbour lists of purireid.labels.neighbours); DBSCAN is
@@ -140,7 +140,7 @@ def pseudo_labels(
     same_camera_offset: float = 0.0,
 ) -> np.ndarray:
     """DBSCAN labels (int64, -1 = outlier) of the fused Jaccard distance of the three views
-    (a mapping keyed by VIEWS, or a sequence in VIEWS order), SPEC §3.2-3.4.
+    (a mapping keyed by VIEWS, or a sequence in VIEWS order), docs/method.md (Pseudo labels).
 
     `same_camera_offset` (with `camids`) is added to same-camera squared distances before the
     Jaccard distance of each view (`purireid.labels.jaccard.jaccard_pairs`; 0 = the paper).
@@ -159,7 +159,7 @@ def pseudo_labels(
                                camids=camids, same_camera_offset=same_camera_offset)
     t0 = time.perf_counter()
     # Every view stores its zero diagonal, so the fused diagonal is an explicit 0 (<= eps):
-    # a point is its own neighbour, as with a dense matrix (SPEC §3.4).
+    # a point is its own neighbour, as with a dense matrix (docs/method.md, DBSCAN).
     graph = pairs_to_csr(codes, values, n)
     del codes, values
     labels = _dbscan_graph(graph, min_samples, eps)

@@ -1,8 +1,8 @@
-"""k-reciprocal Jaccard distance (SPEC §3.2) on sparse rows, and k-reciprocal re-ranking.
+"""k-reciprocal Jaccard distance (docs/method.md) on sparse rows, and k-reciprocal re-ranking.
 
 Pure functions on in-memory arrays, built on the exact neighbour lists of purireid.labels.neighbours
 (whose docstring states the exactness conventions). The algorithm is the textbook one of
-SPEC §3.2, including the released code's k1 cap, but every matrix is sparse: memory is O(N·k)
+docs/method.md, including the released code's k1 cap, but every matrix is sparse: memory is O(N·k)
 and no N×N array is ever built (tests/jaccard_reference.py is the dense loop reference).
 
 * `jaccard_distance` returns the symmetric CSR matrix; `jaccard_pairs` the upper triangle as
@@ -74,7 +74,7 @@ def _reciprocal(idx: np.ndarray, m: int) -> sp.csr_matrix:
 
 
 def _expanded_sets(idx: np.ndarray, k1: int) -> sp.csr_matrix:
-    """Pattern of the expanded k-reciprocal sets of SPEC §3.2 (with the k1 cap)."""
+    """Pattern of the expanded k-reciprocal sets of docs/method.md (with the k1 cap)."""
     length = idx.shape[1]
     r1 = _reciprocal(idx, min(k1 + 1, length))
     r2 = _reciprocal(idx, min(int(np.around(k1 / 2)) + 1, length))
@@ -96,7 +96,7 @@ def _expanded_sets(idx: np.ndarray, k1: int) -> sp.csr_matrix:
 
 
 def _v_matrix(pattern: sp.csr_matrix, dist: np.ndarray, idx: np.ndarray, k2: int) -> sp.csr_matrix:
-    """V of SPEC §3.2: softmax of -dist over each row's expanded set (float64), then the
+    """V of docs/method.md: softmax of -dist over each row's expanded set (float64), then the
     query expansion over the first k2 entries of each list (V[i] <- mean of their rows)."""
     n = pattern.shape[0]
     rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
@@ -259,12 +259,12 @@ def jaccard_pairs(
     features: Any, k1: int = 30, k2: int = 6, *, backend: str = "auto", pair_filter: PairFilter | None = None,
     stats: dict | None = None, camids: Any = None, same_camera_offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Upper triangle of the Jaccard distance of SPEC §3.2: sorted pair codes i*N + j (i <= j)
+    """Upper triangle of the Jaccard distance of docs/method.md: sorted pair codes i*N + j (i <= j)
     and float32 distances of every pair with distance < 1 (diagonal zeros included).
 
     `same_camera_offset` > 0 (with `camids`, one per row) adds that constant to the squared
     distance of two images of the same camera before the neighbour lists and their weights:
-    the k-reciprocal sets then reach across cameras (0 = SPEC §3.2).
+    the k-reciprocal sets then reach across cameras (0 = the paper).
 
     `pair_filter`, if given, is applied to each block of (codes, distances) as it is computed
     and returns what to keep (the values may be replaced); blocks cover disjoint code ranges
@@ -274,7 +274,7 @@ def jaccard_pairs(
     x = as_feature_tensor(features)
     t0 = time.perf_counter()
     n = x.shape[0]
-    length = min(k1, n)  # the released code's kNN returns k1 columns: the cap of SPEC §3.2
+    length = min(k1, n)  # the released code's kNN returns k1 columns: the cap in docs/method.md
     half = int(np.around(k1 / 2))
     # Only the sets of the first k2, half+1 and k1+1 entries matter (capped at the list length).
     if same_camera_offset:
@@ -301,7 +301,7 @@ def jaccard_pairs(
 def jaccard_distance(
     features: Any, k1: int = 30, k2: int = 6, *, backend: str = "auto", stats: dict | None = None
 ) -> sp.csr_matrix:
-    """k-reciprocal Jaccard distance of SPEC §3.2 as a symmetric float32 CSR matrix [N, N].
+    """k-reciprocal Jaccard distance of docs/method.md as a symmetric float32 CSR matrix [N, N].
 
     Every pair with distance < 1 is stored (absent = 1); the diagonal zeros are explicit.
     `backend` picks the kNN candidate search only (results are identical); `stats` as in

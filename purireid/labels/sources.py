@@ -2,11 +2,11 @@
 
 At the start of every epoch the trainer asks a `LabelSource` for one label per train record
 (-1 = left out of this epoch) and builds one cluster memory per view from those labels and
-the epoch's features (SPEC §3.5, §4):
+the epoch's features (docs/method.md, Memories and losses):
 
-- `PseudoLabels`: fused k-reciprocal Jaccard distance + DBSCAN (SPEC §3) of the model's
+- `PseudoLabels`: fused k-reciprocal Jaccard distance + DBSCAN (docs/method.md, Pseudo labels) of the model's
   current features, or of fixed features given once (the student's epoch -1 clusters the
-  teacher's features, SPEC §5);
+  teacher's features, docs/method.md, Distillation);
 - `TrueLabels`: fixed labels given once, e.g. the train split's identities, for a supervised
   reference or supervised pretraining on a labelled source dataset.
 
@@ -119,7 +119,7 @@ def camera_centred(features: torch.Tensor, camids: np.ndarray | Sequence[int]) -
 
 
 class PseudoLabels(LabelSource):
-    """Pseudo labels of the three views' features (fused Jaccard distance + DBSCAN, SPEC §3),
+    """Pseudo labels of the three views' features (fused Jaccard distance + DBSCAN, docs/method.md),
     with the config's `cluster` section; `features`: fixed features to cluster instead of the
     model's current ones (the student's warm-up epoch on the teacher's features).
 

@@ -1,4 +1,4 @@
-"""Multi-view ResNet of SPEC §2, with optional ghost BatchNorm (``bn_groups``).
+"""Multi-view ResNet of docs/method.md (Model), with optional ghost BatchNorm (``bn_groups``).
 
 Backbones come from the registry purireid.model.backbones (one entry per ``model.arch``:
 constructor, ImageNet weights, feature dimension, layer names). The trunk's modules keep
@@ -47,7 +47,7 @@ def backbone(arch: str) -> Backbone:
 
 
 class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent p (init 3), SPEC §2."""
+    """Generalised-mean pooling with a learnable exponent p (init 3), docs/method.md (Model)."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -104,7 +104,7 @@ class MultiViewResNet(nn.Module):
         self.arch, self.input_norm = arch, input_norm
         self.trunk_names = spec.trunk
         trunk = getattr(tvm, spec.constructor)(weights=None)
-        for path in spec.stride_one:  # last stride 1 (SPEC §2): layer4's strided conv + its shortcut
+        for path in spec.stride_one:  # last stride 1 (docs/method.md, Model): layer4's strided conv + its shortcut
             trunk.get_submodule(path).stride = (1, 1)
         for name in spec.trunk:
             setattr(self, name, getattr(trunk, name))
@@ -192,7 +192,7 @@ def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str
 def build_model(
     arch: str = "resnet50", pretrained: str = "imagenet", bn_groups: int = 1, input_norm: str = "imagenet"
 ) -> MultiViewResNet:
-    """Build the multi-view ResNet of SPEC §2.
+    """Build the multi-view ResNet of docs/method.md (Model).
 
     ``pretrained``: ``"imagenet"`` (torchvision's file in the torch hub cache, see
     :func:`imagenet_weights_path`; a clear ``FileNotFoundError`` when absent, never a

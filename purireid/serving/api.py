@@ -7,7 +7,7 @@ over the library:
   checkpoint (`model.pth` of train_teacher / train_student) and refuses anything else with one
   line saying what the file is. The input size comes from the checkpoint's own config.
 * `FeatureExtractor(checkpoint, device=...)` gives L2-normalised eval-mode features, the global
-  view by default (the one retrieval uses, SPEC §2), all three on request: the stages' extractor
+  view by default (the one retrieval uses, docs/method.md, Model), all three on request: the stages' extractor
   (purireid.evaluation.inference.feature_batches) over `image_batches`, which decode and
   normalise with the test transform's functions, so the features equal the evaluate stage's.
 * `collect_images` turns files, folders (recursive) and manifests into one ordered list.

@@ -214,7 +214,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                **{f"rank{r}": float(cmc[r - 1]) for r in ranks},
                                "num_valid_queries": int(metrics["num_valid_queries"]),
                                "scale": "fractions (1.0 = 100 %)",
-                               "protocol": "Market-1501 (SPEC §8): same identity and camera ignored, junk left out"}
+                               "protocol": "Market-1501 (docs/method.md, Evaluation protocol): same identity "
+                                           "and camera ignored, junk left out"}
             if "mINP" in metrics:
                 meta["metrics"]["mINP"] = float(metrics["mINP"])
             metrics_line = ("mAP {:.2%}".format(metrics["mAP"])

@@ -7,7 +7,7 @@ ties broken by gallery index, identical for every backend and device. `rerank_se
 the k-reciprocal re-ranked distance instead.
 
 With identities known (Market-style file names, `0002_c1s1_000451_03.jpg`) the metrics are
-purireid.evaluation.metrics's, under the evaluate stage's protocol (SPEC §8).
+purireid.evaluation.metrics's, under the evaluate stage's protocol (docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage evaluate: query/gallery evaluation of a checkpoint (SPEC §8): eval.json, a CMC plot, ranked lists."""
+"""Stage evaluate: query/gallery evaluation of a checkpoint (docs/method.md): eval.json, a CMC plot, ranked lists."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from purireid.evaluation.metrics import headline_metrics
 from purireid.io.files import write_json_atomic
 from purireid.log import get_logger
 from purireid.io.checkpoints import STAGE_CHECKPOINT_FIX, read_checkpoint
-from purireid.evaluation.inference import cache_dir_for, evaluate_model
+from purireid.evaluation.inference import cache_dir_for, evaluate_model, precision_in_effect
 from purireid.evaluation.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
 
 log = get_logger("evaluate")
@@ -46,6 +46,9 @@ def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_js
         "num_valid_queries": int(metrics["num_valid_queries"]),
         "num_gallery": len(splits["gallery"]),
         "rerank": bool(settings["rerank"]),
+        # What was in effect: train.amp is configured everywhere but autocasts on CUDA only.
+        "device": ctx.device.type,
+        "precision": precision_in_effect(ctx.device, config["train"]["amp"]),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": stored.sha256,
     }

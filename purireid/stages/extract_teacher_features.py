@@ -1,6 +1,6 @@
 """Stage extract_teacher_features: eval-mode teacher features of every train image, three views,
 into HDF5 with their provenance: the checkpoint's hash, the image list's hash and the config
-(SPEC §5). The teacher's folder keeps the training job's config.yaml."""
+(docs/method.md, Distillation). The teacher's folder keeps the training job's config.yaml."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Stage train_student: a fresh model trained like the teacher after a warm-up epoch on the
-teacher's features, and distilled from the teacher (SPEC §5)."""
+teacher's features, and distilled from the teacher (docs/method.md, Distillation)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Stage train_teacher: train the teacher from ImageNet initialisation on pseudo labels of its
-own features (SPEC §3–§4, §6)."""
+own features (docs/method.md: Pseudo labels, Memories and losses)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Diagnostics of pseudo labels against the true identities: reported in the training log,
-never fed back into training (SPEC §1). Pure functions of label arrays."""
+never fed back into training (docs/method.md, Stages). Pure functions of label arrays."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The training loop shared by the teacher, the student and any run driven by a LabelSource
-(SPEC §3–§6).
+(docs/method.md, Pseudo labels to Hyperparameters).
 
 Every epoch is two steps:
 1. labelling (`label_epoch`): eval-mode features of the train set (or the label source's
@@ -152,7 +152,7 @@ def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[R
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How the steps of an epoch run: the views' weights in the loss (SPEC §4), bf16 autocast and
+    """How the steps of an epoch run: the views' weights in the loss (docs/method.md, Memories and losses), bf16 autocast and
     channels_last on CUDA, and the epoch's number and length (messages and the progress bar)."""
 
     view_weights: Mapping[str, float]

@@ -1,4 +1,4 @@
-"""Cluster-contrast memory, distillation and the fused purification loss (SPEC §4-§5)."""
+"""Cluster-contrast memory, distillation and the fused purification loss (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = ["CameraProxyMemory", "ClusterMemory", "camera_proxy_labels", "distill
 
 
 class ClusterMemory(nn.Module):
-    """One view's memory of cluster centres (SPEC §4).
+    """One view's memory of cluster centres (docs/method.md, Memories and losses).
 
     ``forward(features, targets)``: cross-entropy of ``features @ memory.T / temperature``
     against the pseudo labels; the memory gets no gradient (it is a buffer).
@@ -172,7 +172,7 @@ def _occurrence_rank(y: Tensor) -> Tensor:
 
 
 def distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Batch mean of the squared L2 distance ``|s - t|^2`` (SPEC §5). No gradient to the teacher."""
+    """Batch mean of the squared L2 distance ``|s - t|^2`` (docs/method.md). No gradient to the teacher."""
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
     diff = student.float() - teacher.detach().float()
@@ -191,7 +191,7 @@ def purification_loss(
     lambda2: float = 0.2,
     mu: float = 1.0,
 ) -> Tensor:
-    """``(1-l2)(CE_g + mu D_g) + l2 (CE_u + mu D_u) + l2 (CE_l + mu D_l)`` (SPEC §4-§5).
+    """``(1-l2)(CE_g + mu D_g) + l2 (CE_u + mu D_u) + l2 (CE_l + mu D_l)`` (docs/method.md, Distillation).
 
     ``distill=None`` gives the teacher loss (``mu`` is then unused).
     """

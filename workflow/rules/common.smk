@@ -1,6 +1,7 @@
 # Config validation, path helpers, report categories, the closing table, per-rule params and resources
 # (both from the stage table, purireid/config/dag.py).
 
+import os
 import posixpath
 import re
 import sys
@@ -159,8 +160,13 @@ def report_subcategory(model):
     return subcategory
 
 
+# Drawn by `make rulegraph`, beside the Snakefile whatever --directory is (not built by a rule);
+# relative to the working directory, so that a run in the checkout names no machine's folders.
+RULEGRAPH_SVG = os.path.relpath(Path(workflow.basedir) / "docs" / "rulegraph.svg")
+
+
 def summary_outputs():
-    return [out(name) for name in ("summary.tsv", "summary.md", "summary.html")]
+    return [out(name) for name in ("summary.tsv", "summary.md", "summary.html", "rulegraph.svg")]
 
 
 def print_summary():
@@ -169,7 +175,8 @@ def print_summary():
     table = Path(rules.summary.output.md)
     if not table.is_file():
         return
-    sources = [Path(p) for p in rules.summary.input if Path(p).is_file()]
+    tabulated = [*rules.summary.input.eval_json, *rules.summary.input.log_jsonl]
+    sources = [Path(p) for p in tabulated if Path(p).is_file()]
     if any(p.stat().st_mtime > table.stat().st_mtime for p in sources):
         print(f"\n{table} is older than the metrics it tabulates; `snakemake {table}` updates it.",
               file=sys.stderr, flush=True)

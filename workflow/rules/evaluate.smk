@@ -1,4 +1,4 @@
-# Stage 5: query/gallery retrieval metrics (SPEC §8) of each evaluated model (teacher, student, ...).
+# Stage 5: query/gallery retrieval metrics (docs/method.md) of each evaluated model (teacher, student, ...).
 
 
 rule evaluate:

@@ -1,4 +1,4 @@
-# Stage 4: the student, a fresh model distilled from the teacher (SPEC §5). Its params hold the
+# Stage 4: the student, a fresh model distilled from the teacher (docs/method.md). Its params hold the
 # student section, so changing e.g. student.mu reruns this rule and its evaluation only.
 
 

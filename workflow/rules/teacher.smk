@@ -1,4 +1,4 @@
-# Stage 2: the teacher, trained from ImageNet weights with per-view pseudo labels (SPEC §3-§4).
+# Stage 2: the teacher, trained from ImageNet weights with per-view pseudo labels (docs/method.md).
 # Resume state lives in the undeclared <results>/teacher/state/ (Snakemake deletes declared
 # outputs before a job starts, so a killed or timed-out job resumes from its last epoch).
 # Its params include evaluate.rerank: the test mAP it logs, and with train.keep_best the weights

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from purireid.config.resolve import deep_merge, execution_settings
+from purireid.io.files import remove_stale_temporaries
 from purireid.log import get_logger, setup_logging
 from purireid.runtime.signals import STOPPED_STATUSES, exit_on_signals
 
@@ -22,12 +23,30 @@ def job_config(snakemake: Any) -> dict:
     return deep_merge(snakemake.params.config, execution_settings(snakemake.config, snakemake.rule))
 
 
+def device_in_effect(config: dict) -> str:
+    """", device cpu (float32)": where the job computes and in which precision, for its first log
+    line (the rule's params show train.amp as configured; it takes effect on CUDA only)."""
+    if "device" not in config:
+        return ""
+    from purireid.evaluation.inference import precision_in_effect
+    from purireid.runtime.distributed import resolve_device
+
+    device = resolve_device(config["device"])
+    amp = config.get("train", {}).get("amp")
+    if amp is None:
+        return f", device {device.type}"
+    unused = "; train.amp applies on CUDA only" if amp and device.type != "cuda" else ""
+    return f", device {device.type} ({precision_in_effect(device, amp)}{unused})"
+
+
 def run_stage(snakemake: Any, body: Callable[[dict], None], *, torch_threads: bool = True) -> None:
     """Log to the rule's log file and run `body(job_config(snakemake))`.
 
-    A failure is logged (with its traceback) to the rule's log file and to stderr, and the
-    job exits with status 1. SIGTERM / SIGINT stop the job with status 143 / 130 and a
-    warning, no traceback (a training job keeps its last epoch's state and resumes).
+    First the hidden temporaries a killed run of this job left beside its outputs and in its
+    state folder (`params.state_dir`) are removed. A failure is logged (with its traceback) to
+    the rule's log file and to stderr, and the job exits with status 1. SIGTERM / SIGINT stop
+    the job with status 143 / 130 and a warning, no traceback (a training job keeps its last
+    epoch's state and resumes).
     """
     setup_logging(snakemake.log[0])
     wildcards = dict(snakemake.wildcards.items())
@@ -36,12 +55,18 @@ def run_stage(snakemake: Any, body: Callable[[dict], None], *, torch_threads: bo
         name += f" [variant {wildcards['run'].rsplit('/', 1)[-1]}]"
     try:
         with exit_on_signals():
+            state_dir = snakemake.params.get("state_dir")
+            stale = remove_stale_temporaries(list(snakemake.output), [state_dir] if state_dir else [])
+            if stale:
+                log.info("%s: removed %d temporary file(s) an interrupted run left: %s", name, len(stale),
+                         ", ".join(map(str, stale)))
             config = job_config(snakemake)
             if torch_threads:
                 import torch
 
                 torch.set_num_threads(snakemake.threads)
-            log.info("%s: %d thread(s), outputs %s", name, snakemake.threads, list(snakemake.output))
+            log.info("%s: %d thread(s)%s, outputs %s", name, snakemake.threads,
+                     device_in_effect(config) if torch_threads else "", list(snakemake.output))
             body(config)
     except KeyboardInterrupt:
         log.warning("%s: stopped by SIGINT", name)

@@ -1,16 +1,20 @@
 """Rule summary: one row per evaluated model (and the untrained starting point) as TSV, Markdown
-and HTML (purireid.evaluation.summary does the tabulating). Reads only its inputs and params (no config)."""
+and HTML (purireid.evaluation.summary does the tabulating), and the rule graph copied beside them
+for the report. Reads only its inputs and params (no config)."""
 
 import json
 import logging
+import shutil
 
 from purireid.log import setup_logging
 
 setup_logging(snakemake.log[0])
 log = logging.getLogger("purireid.workflow")
 try:
-    from purireid.io.files import read_jsonl, write_text_atomic
-    from purireid.evaluation.summary import summary_rows, to_html, to_markdown, to_tsv
+    from purireid.io.files import atomic_path, read_jsonl, remove_stale_temporaries, write_text_atomic
+    from purireid.evaluation.summary import computed_on, summary_rows, to_html, to_markdown, to_tsv
+
+    remove_stale_temporaries(list(snakemake.output))  # an interrupted run's
 
     models = list(snakemake.params.models)
     evaluations, logs = {}, {}
@@ -22,10 +26,14 @@ try:
     dataset = snakemake.params.dataset
     rerank = any(e.get("rerank") for e in evaluations.values())
     write_text_atomic(snakemake.output.tsv, to_tsv(rows))
-    markdown = to_markdown(rows, dataset=dataset, rerank=rerank)
+    computed = computed_on(evaluations)
+    markdown = to_markdown(rows, dataset=dataset, rerank=rerank, computed=computed)
     write_text_atomic(snakemake.output.md, markdown)
-    write_text_atomic(snakemake.output.html, to_html(rows, dataset=dataset, rerank=rerank))
-    log.info("summary: %d rows written to %s\n%s", len(rows), snakemake.output.md, markdown)
+    write_text_atomic(snakemake.output.html, to_html(rows, dataset=dataset, rerank=rerank, computed=computed))
+    with atomic_path(snakemake.output.rulegraph) as tmp:  # for the report's first screen
+        shutil.copyfile(snakemake.input.rulegraph, tmp)
+    # The table itself is printed once, at the end of the run (common.smk's print_summary).
+    log.info("summary: %d rows written to %s", len(rows), snakemake.output.md)
 except BaseException as err:  # noqa: BLE001 - logged, then the job fails
     log.exception("summary failed: %s", err)
     raise SystemExit(1) from None

@@ -1,6 +1,6 @@
 """The loss terms the step loop sums, registered by name. A new term is a module with a
 `LossTerm` subclass and one line in LOSS_TERMS; its `from_config` returns None when the run
-does not use it. The registry's order is the order of the per-view sum (SPEC §4–§5: the memory
+does not use it. The registry's order is the order of the per-view sum (docs/method.md, Memories and losses; Distillation: the memory
 cross-entropy, then the opt-in camera proxies, then the distillation)."""
 
 from __future__ import annotations

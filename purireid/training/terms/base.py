@@ -52,7 +52,7 @@ class LossTerm(abc.ABC):
     """A named part of the loss, one value per view.
 
     The loop sums, per view, ``weight × value`` of every term with a non-zero weight (in the
-    registry's order), weights the views (SPEC §4: 1 - lambda2, lambda2, lambda2) and logs each
+    registry's order), weights the views (docs/method.md, Memories and losses: 1 - lambda2, lambda2, lambda2) and logs each
     term's values as ``<name>_<view>``. A term with weight 0 is not computed and logs zeros.
     """
 
@@ -80,7 +80,7 @@ class LossTerm(abc.ABC):
 def weighted_view_sum(parts: Sequence[tuple[float, Mapping[str, Tensor]]],
                       view_weights: Mapping[str, float]) -> Tensor:
     """``sum over views of view_weight × (sum over parts of weight × value)``: the purification loss
-    of SPEC §4–§5 when the parts are the memory cross-entropy (weight 1) and the distillation
+    of docs/method.md, Memories and losses; Distillation when the parts are the memory cross-entropy (weight 1) and the distillation
     (weight mu). Parts are added in order, each view's first part unscaled when its weight is 1."""
     total = None
     for v in VIEWS:

@@ -1,4 +1,4 @@
-"""The student's distillation towards its teacher (SPEC §5): per view, the batch mean of the
+"""The student's distillation towards its teacher (docs/method.md, Distillation): per view, the batch mean of the
 squared distance between the student's and the teacher's features of the same images, weighted
 by student.mu. The teacher runs in train or eval mode (student.teacher_mode) without gradients."""
 

@@ -1,5 +1,5 @@
 """The paper's loss: each view's cross-entropy against a memory of pseudo-identity centres
-(cluster contrast, SPEC §4). The memories are built at the start of every epoch from the class
+(cluster contrast, docs/method.md, Memories and losses). The memories are built at the start of every epoch from the class
 centres of that epoch's labels and updated with every batch's features after the step."""
 
 from __future__ import annotations
