@@ -36,7 +36,7 @@ def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoin
 def run(config: Mapping[str, Any], *, manifest: str | Path, teacher_checkpoint: str | Path,
         teacher_features: str | Path, model_out: str | Path, log_jsonl: str | Path, curve_png: str | Path,
         state_dir: str | Path, source_weights: str | Path | None = None) -> None:
-    """Train the student from a fresh ImageNet-initialised model; resumes from `state_dir`.
+    """Train the student from fresh weights (model.pretrained); resumes from `state_dir`.
 
     `config`: at least the keys purireid.config.resolve.stage_config(config, "train_student") holds.
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
