@@ -341,9 +341,10 @@ def _children(pid: int) -> list[int]:
 def _signal_workers_while_iterating(loader, signals) -> int:
     """Iterate `loader`, sending `signals` to its worker processes after the first batch; the number of batches."""
     count = 0
+    before = set(_children(os.getpid()))  # other tests' processes that may still be winding down
     for _ in loader:
         if count == 0:
-            workers = _children(os.getpid())
+            workers = sorted(set(_children(os.getpid())) - before)
             assert len(workers) == 2, workers
             for worker in workers:
                 for signum in signals:
@@ -358,15 +359,16 @@ def test_loader_workers_leave_stop_signals_to_the_main_process(tiny_images):
     """The train and the test (feature-extraction) loaders' workers outlive a SIGTERM/SIGINT meant
     for the job: the main process decides, and the epoch's batches all arrive."""
     records, root = tiny_images["train"], tiny_images["root"]
+    earlier = set(_children(os.getpid()))  # processes of other tests, not the loaders'
     test_loader = build_test_loader(records, root, height=64, width=32, batch_size=8, workers=2)
     assert _signal_workers_while_iterating(test_loader, (signal.SIGTERM, signal.SIGINT)) == len(test_loader)
     train = TrainLoader(records, root, height=64, width=32, batch_size=8, num_instances=4, iters=4, workers=2)
     labels = np.array([r.pid for r in records])
     assert _signal_workers_while_iterating(train.epoch(0, labels), (signal.SIGTERM, signal.SIGINT)) == 4
     deadline = time.time() + 30
-    while _children(os.getpid()) and time.time() < deadline:  # shut down with their iterators
+    while set(_children(os.getpid())) - earlier and time.time() < deadline:  # shut down with their iterators
         time.sleep(0.05)
-    assert not _children(os.getpid())
+    assert not set(_children(os.getpid())) - earlier
 
 
 RUN_TEACHER_JOB = textwrap.dedent("""
