@@ -8,6 +8,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -68,6 +69,33 @@ def run_workflow_script(script: str, snakemake: Any) -> None:
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
     runpy.run_path(str(REPO / "workflow" / "scripts" / script), init_globals={"snakemake": snakemake})
+
+
+# The workflow script of rule train_teacher, run as Snakemake runs it, in a process of its own.
+RUN_TEACHER_JOB = textwrap.dedent("""
+    import sys, yaml
+    tests, config_file, out, manifest = sys.argv[1:5]
+    sys.path.insert(0, tests)
+    from conftest import fake_snakemake, run_workflow_script
+    job = fake_snakemake("train_teacher", yaml.safe_load(open(config_file)), log=out + "/run.log",
+                         input={"manifest": manifest}, params={"state_dir": out + "/state"},
+                         output={"model": out + "/model.pth", "log_jsonl": out + "/log.jsonl", "curve": out + "/curve.png"})
+    run_workflow_script("train_teacher.py", job)
+""")
+
+
+def start_teacher_job(tmp: Path, config: dict, manifest: Path, name: str) -> subprocess.Popen:
+    """The train_teacher job on `config` (written to tmp/config.yaml), outputs and run.log in tmp/<name>,
+    in a new session (so a test can signal its whole process group)."""
+    import yaml
+
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    out = tmp / name
+    out.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-c", RUN_TEACHER_JOB, str(REPO / "tests"), str(cfg), str(out), str(manifest)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, fake_snakemake, prepare_tiny_dataset, run_workflow_script, tiny_config
+from conftest import REPO, fake_snakemake, prepare_tiny_dataset, run_workflow_script, start_teacher_job, tiny_config
 from purireid import VIEWS
 from purireid.data import DatasetError, TrainLoader, build_image_cache, build_test_loader, generate_synthetic, load_dataset
 from purireid.data.prepare import validate_images
@@ -371,36 +369,14 @@ def test_loader_workers_leave_stop_signals_to_the_main_process(tiny_images):
     assert not set(_children(os.getpid())) - earlier
 
 
-RUN_TEACHER_JOB = textwrap.dedent("""
-    import sys, yaml
-    tests, config_file, out, manifest = sys.argv[1:5]
-    sys.path.insert(0, tests)
-    from conftest import fake_snakemake, run_workflow_script
-    job = fake_snakemake("train_teacher", yaml.safe_load(open(config_file)), log=out + "/run.log",
-                         input={"manifest": manifest}, params={"state_dir": out + "/state"},
-                         output={"model": out + "/model.pth", "log_jsonl": out + "/log.jsonl", "curve": out + "/curve.png"})
-    run_workflow_script("train_teacher.py", job)
-""")
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_job(tmp_path):
     """scancel, preemption and `timeout` signal every process of the job, DataLoader workers
     included: the job still stops with status 143 and its state kept, and a rerun resumes."""
-    import yaml
-
     data = prepare_tiny_dataset(tmp_path / "tiny")
     config = tiny_config(data["data_root"], data={"workers": 2}, train={"epochs": 3, "iters": 2, "eval_every": 0})
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "teacher"
-    out.mkdir()
-
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", RUN_TEACHER_JOB, str(REPO / "tests"), str(tmp_path / "config.yaml"),
-                                 str(out), str(data["manifest"])], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                start_new_session=True, stderr=subprocess.DEVNULL)
-
-    job = start()
+    job = start_teacher_job(tmp_path, config, data["manifest"], "teacher")
     deadline = time.time() + 600
     while not (out / "state" / "state.pth").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -415,7 +391,7 @@ def test_sigterm_to_the_process_group_stops_like_sigterm_to_the_job(tmp_path):
     assert "failed" not in log_text and "Traceback" not in log_text, log_text
     assert (out / "state" / "state.pth").exists() and not (out / "model.pth").exists()
 
-    resumed = start()
+    resumed = start_teacher_job(tmp_path, config, data["manifest"], "teacher")
     assert resumed.wait(timeout=600) == 0
     assert "resuming teacher" in (out / "run.log").read_text()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 
 from purireid import VIEWS
-from conftest import REPO, prepare_tiny_dataset, tiny_config as shared_tiny_config
+from conftest import prepare_tiny_dataset, start_teacher_job, tiny_config as shared_tiny_config
 from purireid.config.resolve import deep_merge, stage_config
 from purireid.data import TrainLoader, read_manifest
 from purireid.runtime.distributed import DistContext
@@ -238,28 +235,6 @@ def test_degenerate_epoch_stops_teacher_with_clear_error(dataset, tmp_path):
     assert not (tmp_path / "model.pth").exists()
 
 
-# The workflow script of rule train_teacher, run as Snakemake runs it (tests/conftest.py).
-RUN_TEACHER_JOB = textwrap.dedent("""
-    import sys, yaml
-    tests, config_file, out, manifest = sys.argv[1:5]
-    sys.path.insert(0, tests)
-    from conftest import fake_snakemake, run_workflow_script
-    job = fake_snakemake("train_teacher", yaml.safe_load(open(config_file)), log=out + "/run.log",
-                         input={"manifest": manifest}, params={"state_dir": out + "/state"},
-                         output={"model": out + "/model.pth", "log_jsonl": out + "/log.jsonl", "curve": out + "/curve.png"})
-    run_workflow_script("train_teacher.py", job)
-""")
-
-
-def _run_teacher(tmp: Path, config: dict, manifest: Path, name: str) -> subprocess.Popen:
-    import yaml
-    cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    out = tmp / name
-    out.mkdir(exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", RUN_TEACHER_JOB, str(REPO / "tests"), str(cfg), str(out), str(manifest)],
-                            env=env, start_new_session=True, stderr=subprocess.DEVNULL)
 
 
 def resume_config(dataset: dict) -> dict:
@@ -269,7 +244,7 @@ def resume_config(dataset: dict) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted_teacher(dataset, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    reference = _run_teacher(tmp, resume_config(dataset), dataset["manifest"], "reference")
+    reference = start_teacher_job(tmp, resume_config(dataset), dataset["manifest"], "reference")
     assert reference.wait(timeout=600) == 0
     return tmp / "reference"
 
@@ -279,7 +254,7 @@ def test_killed_teacher_resumes_to_the_same_weights(dataset, uninterrupted_teach
     """A training job killed after an epoch resumes to the weights of an uninterrupted run; SIGTERM
     and SIGINT stop the job with status 143 / 130 and a warning, without a 'failed' traceback."""
     config = resume_config(dataset)
-    proc = _run_teacher(tmp_path, config, dataset["manifest"], "killed")
+    proc = start_teacher_job(tmp_path, config, dataset["manifest"], "killed")
     state = tmp_path / "killed" / "state" / "state.pth"
     deadline = time.time() + 600
     while not state.exists() and proc.poll() is None and time.time() < deadline:
@@ -294,7 +269,7 @@ def test_killed_teacher_resumes_to_the_same_weights(dataset, uninterrupted_teach
         assert "stopping teacher" in log_text and f"stopped by {signal.Signals(sig).name}" in log_text, log_text
         assert "failed" not in log_text and "Traceback" not in log_text, log_text
 
-    resumed = _run_teacher(tmp_path, config, dataset["manifest"], "killed")
+    resumed = start_teacher_job(tmp_path, config, dataset["manifest"], "killed")
     assert resumed.wait(timeout=600) == 0
     assert "resuming teacher" in (tmp_path / "killed" / "run.log").read_text()
     a = torch.load(uninterrupted_teacher / "model.pth", weights_only=False)["state_dict"]

@@ -142,6 +142,17 @@ def describe_file(path: str | Path) -> str:
     }.get(kind, "a binary file of an unknown format")
 
 
+def require_kind(path: Path, kind: str, role: str, expected: str, fix: str, error: type[Exception]) -> None:
+    """Raise `error` unless `path` is a file of `kind` (file_kind), naming the file by the `role` it
+    was given for: "<role> <path>: no such file; <fix>", or "<role> <path> is <what it is>, not
+    <expected>; <fix>"."""
+    found = file_kind(path)
+    if found == "missing":
+        raise error(f"{role} {path}: no such file; {fix}")
+    if found != kind:
+        raise error(f"{role} {path} is {describe_file(path)}, not {expected}; {fix}")
+
+
 def _describe_torch_object(obj: Any) -> str:
     if isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS):
         return f"a purireid checkpoint ({obj['arch']})"
@@ -190,11 +201,7 @@ def read_checkpoint(path: str | Path, *, fix: str = CHECKPOINT_FIX) -> Checkpoin
     """Open a `model.pth` written by the training stages (weights_only); a `CheckpointError` saying
     what the file is, and `fix`, for anything else."""
     path = Path(path)
-    kind = file_kind(path)
-    if kind == "missing":
-        raise CheckpointError(f"checkpoint {path}: no such file; {fix}")
-    if kind != "torch":
-        raise CheckpointError(f"checkpoint {path} is {describe_file(path)}, not a purireid checkpoint; {fix}")
+    require_kind(path, "torch", "checkpoint", "a purireid checkpoint", fix, CheckpointError)
     try:
         obj = torch_load(path)
     except Exception as exc:  # noqa: BLE001 - truncated zip, a pickle with code, ...

@@ -126,14 +126,10 @@ def read_feature_file(path: str | Path, *, fix: str, expected_checkpoint_sha256:
                       expected_paths: Sequence[str] | None = None) -> FeatureFile:
     """Read a feature file of either kind, refusing anything else (saying what it is), a damaged
     one, or one of another checkpoint or image list, with `fix`."""
-    from purireid.io.checkpoints import describe_file, file_kind
+    from purireid.io.checkpoints import require_kind
 
     path = Path(path)
-    kind = file_kind(path)
-    if kind == "missing":
-        raise FeatureFileMismatch(f"feature file {path}: no such file; {fix}")
-    if kind != "hdf5":
-        raise FeatureFileMismatch(f"{path} is {describe_file(path)}, not a feature file; {fix}")
+    require_kind(path, "hdf5", "feature file", "a feature file", fix, FeatureFileMismatch)
     try:
         with h5py.File(path, "r") as h5:
             kind = _kind_of(h5)
