@@ -98,21 +98,25 @@ def start_teacher_job(tmp: Path, config: dict, manifest: Path, name: str) -> sub
                             stderr=subprocess.DEVNULL)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 256 KiB tmpfs mounted in the test's folder, for disk-full tests (needs root)."""
+def tmpfs_mount(mount: Path, options: str, why: str):
+    """A generator fixture's body: a tmpfs mounted at `mount` with `options` (needs root; skips,
+    saying `why` it is needed, where it cannot be mounted), unmounted afterwards."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill up needs root")
-    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
+        pytest.skip(f"mounting a tmpfs ({why}) needs root")
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs mounted in the test's folder, for disk-full tests (needs root)."""
+    yield from tmpfs_mount(tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}", "size=256k,mode=0755", "a small one to fill up")
 
 
 @pytest.fixture(scope="session")

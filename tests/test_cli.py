@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import purireid
-from conftest import REPO, prepare_tiny_dataset, tiny_config
+from conftest import REPO, prepare_tiny_dataset, tiny_config, tmpfs_mount
 from purireid.serving.cli import main
 from purireid.config.resolve import deep_merge, stage_config
 from purireid.io.files import sha256_file
@@ -346,19 +346,9 @@ def locked_folder():
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A read-only file system (a small tmpfs mounted ro; needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root (the permission case covers unprivileged users)")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A read-only file system (a small tmpfs mounted ro; needs root: the permission case covers
+    unprivileged users)."""
+    yield from tmpfs_mount(tmp_path / "ro", "ro,size=64k", "read-only")
 
 
 def test_unwritable_or_impossible_out_is_refused_before_any_work(run, tmp_path, capsys, monkeypatch,
