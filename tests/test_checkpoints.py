@@ -1,5 +1,6 @@
-"""The one reader of torch files (purireid.io.checkpoints: weights_only, and what a file is) and the
-one HDF5 feature layout (purireid.io.features) shared by the teacher features and `purireid extract`."""
+"""The one reader of model checkpoints (purireid.io.checkpoints: weights_only), what a file is
+(purireid.io.filekinds) and the one HDF5 feature layout (purireid.io.features) shared by the
+teacher features and `purireid extract`."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import yaml
 
 from purireid import VIEWS
 from purireid.io.checkpoints import (
-    CheckpointError, describe_file, file_kind, load_best, load_state, read_checkpoint, save_best,
-    save_model_checkpoint, save_state,
+    CheckpointError, load_best, load_state, read_checkpoint, save_best, save_model_checkpoint, save_state,
 )
 from purireid.io.features import (
     FeatureFileMismatch, read_feature_file, read_teacher_features, write_feature_file, write_teacher_features,
 )
+from purireid.io.filekinds import describe_file, file_kind
 from purireid.model.network import build_model
 
 CONFIG = {"model": {"arch": "resnet18"}, "data": {"height": 64, "width": 32}}

@@ -1,13 +1,14 @@
 """What the stages write and read back, with its provenance: the resolved config beside the
 outputs, config fingerprints, model checkpoints and the resume state of a training run; and the
-one reader of torch files, which first says what a file is.
+one reader of model checkpoints, which first says what a file is.
 
 Every file is written atomically (purireid.io.files) and byte-reproducibly: equal inputs give equal
 bytes (no timestamps, no temporary names inside archives). Every torch file is read with one
 trust policy, weights_only=True (purireid.io.files.torch_load): model checkpoints, resume states
 and best epochs hold only tensors and plain values. A file that is not a purireid checkpoint is
-refused with one line saying what it is (`describe_file`: a TorchScript or ONNX export, an HDF5
-feature file, a text file, a folder, ...). The HDF5 feature files are purireid.io.features's.
+refused with one line saying what it is (purireid.io.filekinds.describe_file: a TorchScript or
+ONNX export, an HDF5 feature file, a text file, a folder, ...). The HDF5 feature files are
+purireid.io.features's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 
 from purireid import __version__
 from purireid.config.resolve import without_execution_keys
+from purireid.io.filekinds import CHECKPOINT_KEYS, describe_torch_object, require_kind
 from purireid.io.files import sha256_file, torch_load, torch_save_atomic, write_yaml_atomic
 from purireid.log import get_logger
 from purireid.model.network import build_model, input_norm_of
@@ -33,8 +34,6 @@ log = get_logger("checkpoints")
 
 STATE_FILE = "state.pth"
 BEST_FILE = "best.pth"
-CHECKPOINT_KEYS = ("state_dict", "arch", "feat_dim", "config")
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # The fix when a checkpoint given by a person cannot be used (the stages give their own).
 CHECKPOINT_FIX = ("give the model.pth written by the train_teacher or train_student rule "
                   "(results/<dataset>/student/model.pth)")
@@ -58,110 +57,6 @@ def write_resolved_config(output: str | Path, config: Mapping[str, Any]) -> Path
 def config_fingerprint(*parts: Any) -> str:
     """Stable hash of JSON-able parts (config sections, input hashes)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def image_list_digest(paths: Sequence[str]) -> str:
-    """A hash of an ordered image list, to tie a feature file or a resume state to a manifest."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- what a file is
-
-
-def file_kind(path: str | Path) -> str:
-    """What `path` is, from its first bytes (nothing is loaded): "missing", "folder", "empty
-    folder", "empty file", "hdf5", "torch" (a torch.save file), "torchscript", "onnx", "text",
-    "unreadable" or "binary"."""
-    path = Path(path)
-    if path.is_dir():
-        return "folder" if any(path.iterdir()) else "empty folder"
-    if not path.exists():
-        return "missing"
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4096)
-    except OSError:
-        return "unreadable"
-    if not head:
-        return "empty file"
-    if head.startswith(HDF5_SIGNATURE):
-        return "hdf5"
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "binary"
-        if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
-            return "torchscript"
-        return "torch" if any(n.endswith("/data.pkl") for n in names) else "binary"
-    if head.startswith(b"\x80\x02"):  # torch.save's legacy (pre-zip) format: a pickled magic number
-        return "torch"
-    # An ONNX model is a protobuf ModelProto: field 1 (ir_version, a varint) first, then its
-    # producer ("pytorch" for torch.onnx); no magic number, so the suffix counts too.
-    if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"pytorch" in head[:256] or b"onnx" in head[:256]):
-        return "onnx"
-    if b"\x00" not in head:
-        try:
-            head.decode("utf-8")
-            return "text"
-        except UnicodeDecodeError as exc:
-            if exc.start >= len(head) - 3:  # a multi-byte character cut by the 4 KiB read
-                return "text"
-    return "binary"
-
-
-def describe_file(path: str | Path) -> str:
-    """One phrase saying what `path` is, for messages ("<path> is <phrase>, not ..."): a purireid
-    checkpoint (its arch), another torch file, a TorchScript export, an ONNX model, a purireid
-    feature file (which kind), another HDF5 file, a text file, a folder, an empty folder, ..."""
-    kind = file_kind(path)
-    if kind == "hdf5":
-        from purireid.io.features import describe_hdf5
-
-        return describe_hdf5(path)
-    if kind == "torch":
-        try:
-            obj = torch_load(path)
-        except Exception:  # noqa: BLE001 - what it is matters here, not why torch refused it
-            return "a PyTorch file that does not load without running code, or is damaged"
-        return _describe_torch_object(obj)
-    return {
-        "missing": "missing (no such file or folder)",
-        "folder": "a folder",
-        "empty folder": "an empty folder",
-        "empty file": "an empty file",
-        "torchscript": "a TorchScript export (loaded with torch.jit.load)",
-        "onnx": "an ONNX model (run with onnxruntime)",
-        "text": "a text file",
-        "unreadable": "a file this user cannot read",
-    }.get(kind, "a binary file of an unknown format")
-
-
-def require_kind(path: Path, kind: str, role: str, expected: str, fix: str, error: type[Exception]) -> None:
-    """Raise `error` unless `path` is a file of `kind` (file_kind), naming the file by the `role` it
-    was given for: "<role> <path>: no such file; <fix>", or "<role> <path> is <what it is>, not
-    <expected>; <fix>"."""
-    found = file_kind(path)
-    if found == "missing":
-        raise error(f"{role} {path}: no such file; {fix}")
-    if found != kind:
-        raise error(f"{role} {path} is {describe_file(path)}, not {expected}; {fix}")
-
-
-def _describe_torch_object(obj: Any) -> str:
-    if isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS):
-        return f"a purireid checkpoint ({obj['arch']})"
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return "a PyTorch file holding a bare state_dict (weights without the arch and config of a checkpoint)"
-    if isinstance(obj, dict) and "fingerprint" in obj and "optimizer" in obj:
-        return "the resume state of a training job (state/state.pth), not a finished checkpoint"
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(obj, dict) or k not in obj]
-    return f"a PyTorch file holding a {type(obj).__name__} without the key(s) {', '.join(missing)}"
 
 
 # --------------------------------------------------------------------------- model checkpoints
@@ -209,7 +104,7 @@ def read_checkpoint(path: str | Path, *, fix: str = CHECKPOINT_FIX) -> Checkpoin
         raise CheckpointError(f"checkpoint {path} is a PyTorch file that cannot be read as a purireid checkpoint "
                               f"(damaged, or it needs code to load: {first[:160]}); {fix}") from None
     if not (isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS)):
-        raise CheckpointError(f"checkpoint {path} is {_describe_torch_object(obj)}, not a purireid checkpoint; {fix}")
+        raise CheckpointError(f"checkpoint {path} is {describe_torch_object(obj)}, not a purireid checkpoint; {fix}")
     data = obj["config"].get("data", {}) if isinstance(obj["config"], dict) else {}
     try:
         size = (int(data["height"]), int(data["width"]))

@@ -15,7 +15,7 @@ Written atomically and without timestamps: equal features give equal bytes. File
 previous layouts (teacher files without `format`, version-1 extract files) are read too.
 Provenance is checked on reading: a file of another checkpoint, input size or image list is
 refused with `FeatureFileMismatch`, naming the file and the fix; so is anything that is not a
-feature file, saying what it is (purireid.io.checkpoints.describe_file).
+feature file, saying what it is (purireid.io.filekinds.describe_file).
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ import numpy as np
 import yaml
 
 from purireid import VIEWS, __version__
-from purireid.io.files import atomic_hdf5
+from purireid.config.resolve import without_execution_keys
+from purireid.io.filekinds import FEATURE_FILE_FORMAT, FEATURE_KINDS, feature_file_kind, require_kind
+from purireid.io.files import atomic_hdf5, image_list_digest
 
-__all__ = ["FEATURE_FILE_FORMAT", "FeatureFile", "FeatureFileMismatch", "describe_hdf5", "read_feature_file",
+__all__ = ["FEATURE_FILE_FORMAT", "FeatureFile", "FeatureFileMismatch", "read_feature_file",
            "read_teacher_features", "write_feature_file", "write_teacher_features"]
 
-FEATURE_FILE_FORMAT = "purireid-features"
 FEATURE_FILE_VERSION = 2
-KINDS = {"teacher": "the workflow's teacher-feature file of the train images",
-         "extract": "a feature file of `purireid extract`"}
 TEACHER_FIX = "delete it and rerun extract_teacher_features (snakemake -R extract_teacher_features)"
 
 
@@ -76,8 +75,8 @@ def write_feature_file(path: str | Path, features: Mapping[str, Any], paths: Seq
                        skipped: Sequence[str] = (), attrs: Mapping[str, Any] | None = None) -> None:
     """Write a feature file atomically, in the one layout (module docstring). `features`: view ->
     [N, D] array or tensor, in VIEWS order; `attrs`: the kind's own attributes."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown feature file kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature file kind {kind!r} (one of {', '.join(FEATURE_KINDS)})")
     strings = h5py.string_dtype()
     with atomic_hdf5(path) as h5:  # built in memory: HDF5 must never meet a full disk itself
         group = h5.create_group("features")
@@ -103,36 +102,15 @@ def _strings(dataset: Any) -> list[str]:
     return [p.decode() if isinstance(p, bytes) else str(p) for p in dataset[()]]
 
 
-def _kind_of(h5: h5py.File) -> str | None:
-    """The kind of a purireid feature file, or None for another HDF5 file (old layouts included)."""
-    if "features" not in h5 or "paths" not in h5:
-        return None
-    if h5.attrs.get("format") == FEATURE_FILE_FORMAT:
-        return str(h5.attrs.get("kind", "extract"))  # version 1 was written by `purireid extract` only
-    return "teacher" if "checkpoint_sha256" in h5.attrs else None  # the teacher file before version 2
-
-
-def describe_hdf5(path: str | Path) -> str:
-    """What an HDF5 file is (purireid.io.checkpoints.describe_file's phrase for HDF5)."""
-    try:
-        with h5py.File(path, "r") as h5:
-            kind = _kind_of(h5)
-    except Exception:  # noqa: BLE001 - truncated or damaged
-        return "an HDF5 file that cannot be opened (truncated or damaged)"
-    return f"{KINDS[kind]} (HDF5)" if kind in KINDS else "an HDF5 file that purireid did not write"
-
-
 def read_feature_file(path: str | Path, *, fix: str, expected_checkpoint_sha256: str | None = None,
                       expected_paths: Sequence[str] | None = None) -> FeatureFile:
     """Read a feature file of either kind, refusing anything else (saying what it is), a damaged
     one, or one of another checkpoint or image list, with `fix`."""
-    from purireid.io.checkpoints import require_kind
-
     path = Path(path)
     require_kind(path, "hdf5", "feature file", "a feature file", fix, FeatureFileMismatch)
     try:
         with h5py.File(path, "r") as h5:
-            kind = _kind_of(h5)
+            kind = feature_file_kind(h5)
             if kind is None:
                 raise FeatureFileMismatch(f"{path} is an HDF5 file that purireid did not write (it lacks /features, "
                                           f"/paths or the checkpoint's sha256); {fix}")
@@ -164,8 +142,6 @@ def read_feature_file(path: str | Path, *, fix: str, expected_checkpoint_sha256:
             f"{path} was extracted from a checkpoint with sha256 {stored.checkpoint_sha256[:12]}…, but the "
             f"checkpoint given has sha256 {expected_checkpoint_sha256[:12]}…; the model was retrained since: {fix}")
     if expected_paths is not None and list(expected_paths) != stored.paths:
-        from purireid.io.checkpoints import image_list_digest
-
         raise FeatureFileMismatch(
             f"{path} holds features of {len(stored.paths)} images that differ from the manifest's "
             f"{len(expected_paths)} images (list hash {image_list_digest(stored.paths)[:12]}… vs "
@@ -181,9 +157,6 @@ def write_teacher_features(path: str | Path, features: Mapping[str, Any], *, pat
                            config: Mapping[str, Any]) -> None:
     """The teacher-feature file of extract_teacher_features: the three views of every train image,
     with the manifest's identities, the image list's hash and the config."""
-    from purireid.config.resolve import without_execution_keys
-    from purireid.io.checkpoints import image_list_digest
-
     data = config.get("data", {})
     size = (data["height"], data["width"]) if "height" in data and "width" in data else None
     write_feature_file(path, {v: features[v] for v in VIEWS}, paths, kind="teacher",
@@ -207,7 +180,7 @@ def read_teacher_features(path: str | Path, *, expected_checkpoint_sha256: str |
     missing = [f"/features/{v}" for v in VIEWS if v not in stored.features]
     missing += [name for name, value in (("/pids", stored.pids), ("/camids", stored.camids)) if value is None]
     if stored.kind != "teacher" or missing:
-        raise FeatureFileMismatch(f"{path} is {KINDS.get(stored.kind, 'a feature file')}, not a teacher-feature "
+        raise FeatureFileMismatch(f"{path} is {FEATURE_KINDS.get(stored.kind, 'a feature file')}, not a teacher-feature "
                                   f"file (it lacks {', '.join(missing) or 'the teacher kind'}); {TEACHER_FIX}")
     return {
         "features": {v: torch.from_numpy(stored.features[v]) for v in VIEWS},

@@ -193,3 +193,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def image_list_digest(paths: Sequence[str]) -> str:
+    """A hash of an ordered image list, to tie a feature file or a resume state to a manifest."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from purireid import VIEWS
-from purireid.io.checkpoints import Checkpoint, describe_file, file_kind, read_checkpoint
+from purireid.io.checkpoints import Checkpoint, read_checkpoint
+from purireid.io.filekinds import describe_file, file_kind
 from purireid.io.features import FeatureFile
 from purireid.model.network import fold_batchnorm
 from purireid.runtime.distributed import DeviceUnavailable

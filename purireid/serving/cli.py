@@ -138,7 +138,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _query_features(args: argparse.Namespace, gallery) -> tuple:  # -> (features, paths, source)
-    from purireid.io.checkpoints import file_kind
+    from purireid.io.filekinds import file_kind
     from purireid.serving.api import FeatureExtractor, InputError, check_same_model, collect_images, read_feature_file
 
     sources = args.query

@@ -42,7 +42,7 @@ from purireid.training.diagnostics import (crop_pad_advice, fine_tuning_advice, 
 from purireid.runtime.distributed import DistContext
 from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.evaluation.inference import autocast_context
-from purireid.io.files import sha256_file, write_jsonl
+from purireid.io.files import image_list_digest, sha256_file, write_jsonl
 from purireid.labels.sources import LabelSource, label_source as make_label_source
 from purireid.log import Progress, get_logger
 from purireid.training.losses import view_weights
@@ -51,7 +51,6 @@ from purireid.model.network import build_model
 from purireid.io.checkpoints import (
     clear_state,
     config_fingerprint,
-    image_list_digest,
     load_best,
     load_state,
     save_best,
