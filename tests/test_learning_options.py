@@ -15,10 +15,10 @@ from conftest import REPO, prepare_tiny_dataset, tiny_config
 
 from purireid import VIEWS
 from purireid.config.resolve import ConfigError, load_config, resolve_config, source_config, stage_config, stage_params
-from purireid.training.diagnostics import (camera_advice, crop_pad_advice, fine_tuning_advice, k1_advice, label_diagnostics,
-                                  replacement_advice, schedule_advice)
+from purireid.labels.diagnostics import camera_advice, k1_advice, label_diagnostics, replacement_advice
 from purireid.labels.sources import PseudoLabels, camera_centred
 from purireid.stages import train_supervised, train_teacher
+from purireid.training.advice import crop_pad_advice, fine_tuning_advice, schedule_advice
 from purireid.training.loop import lr_step_size
 
 # ---------------------------------------------------------------- diagnostics (pure)

@@ -1,2 +1,2 @@
 """Pseudo labels: exact neighbour lists, the k-reciprocal Jaccard distance, view fusion and
-DBSCAN, and the label sources an epoch trains from."""
+DBSCAN, the label sources an epoch trains from, and diagnostics of an epoch's labels."""

@@ -26,6 +26,7 @@ import torch
 
 from purireid import VIEWS
 from purireid.labels.cluster import pseudo_labels
+from purireid.labels.diagnostics import camera_advice, k1_advice
 
 
 class DegenerateLabels(RuntimeError):
@@ -95,7 +96,7 @@ class LabelSource(abc.ABC):
         """JSON-able identity of the source, part of the resume fingerprint."""
 
     def advice(self, diagnostics: Mapping[str, Any]) -> list[str]:
-        """Warnings about the first epoch's labels (`diagnostics`: purireid.training.diagnostics.
+        """Warnings about the first epoch's labels (`diagnostics`: purireid.labels.diagnostics.
         label_diagnostics of them), naming the config keys to change; none by default."""
         return []
 
@@ -159,8 +160,6 @@ class PseudoLabels(LabelSource):
         return check_clusters(labels, self.config, epoch)
 
     def advice(self, diagnostics: Mapping[str, Any]) -> list[str]:
-        from purireid.training.diagnostics import camera_advice, k1_advice
-
         cluster = self.cluster
         num_cameras = len(np.unique(self.camids)) if self.camids is not None else 0
         found = (k1_advice(cluster["k1"], cluster["eps"], diagnostics["mean_cluster_size"]),

@@ -1,1 +1,1 @@
-"""Training: the step loop, the loss terms and cluster memories, diagnostics of an epoch."""
+"""Training: the step loop, the loss terms and cluster memories, advice on a run's settings."""

@@ -37,8 +37,8 @@ import torch
 
 from purireid import VIEWS
 from purireid.data import Record, TrainLoader, read_manifest
-from purireid.training.diagnostics import (crop_pad_advice, fine_tuning_advice, label_diagnostics, replacement_advice,
-                                           schedule_advice)
+from purireid.labels.diagnostics import label_diagnostics, replacement_advice
+from purireid.training.advice import crop_pad_advice, fine_tuning_advice, schedule_advice
 from purireid.runtime.distributed import DistContext
 from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.evaluation.inference import autocast_context
