@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from batchnorm_reference import reshape_implementation  # noqa: E402
 
 from purireid import VIEWS  # noqa: E402
-from purireid.evaluation.inference import autocast_context  # noqa: E402
+from purireid.runtime.precision import autocast_context  # noqa: E402
 from purireid.model.network import build_model  # noqa: E402
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

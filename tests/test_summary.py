@@ -1,5 +1,6 @@
 """The results table (purireid.evaluation.summary): one row per model from eval.json and log.jsonl, the
-untrained starting point first, percentages, and the meaning of a log record's phase."""
+untrained starting point first, percentages, and the meaning of a log record's phase
+(purireid.io.runlog)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from purireid.evaluation.summary import (
     TSV_COLUMNS,
     computed_on,
     format_duration,
-    record_phase,
     summary_rows,
     to_html,
     to_markdown,
     to_tsv,
 )
+from purireid.io.runlog import record_phase
 
 
 def evaluation(mAP, mINP=0.1, rank1=0.5, rank5=0.7, rank10=0.8, queries=90):

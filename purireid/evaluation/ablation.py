@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from purireid.evaluation.summary import METRICS, PHASE_TRAIN, PHASE_UNTRAINED, format_duration, html_table, percent, \
-    protocol_note, record_phase, training_totals
+from purireid.evaluation.summary import METRICS, format_duration, html_table, percent, protocol_note, training_totals
+from purireid.io.runlog import PHASE_TRAIN, PHASE_UNTRAINED, record_phase
 
 CSV_COLUMNS = ("variant", "about", "changes", "model", *(f"{key}_pct" for key, _ in METRICS), "start_mAP_pct",
                "clusters", "outliers", "train_minutes", "eval_json")

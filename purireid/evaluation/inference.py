@@ -11,7 +11,6 @@ API see the same tensors."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,18 +26,7 @@ from purireid.data.transforms import load_resized, normalise_batch
 from purireid.evaluation.metrics import evaluate_features
 from purireid.log import progress_iter
 from purireid.runtime.distributed import DistContext
-
-
-def autocast_context(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay in fp32)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def precision_in_effect(device: torch.device, amp: bool) -> str:
-    """What `autocast_context` does on `device`, in words: "bf16 autocast" or "float32"."""
-    return "bf16 autocast" if amp and device.type == "cuda" else "float32"
+from purireid.runtime.precision import autocast_context
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from purireid.data import Record
 from purireid.io.files import atomic_path
-from purireid.evaluation.summary import PHASE_UNTRAINED, record_phase
+from purireid.io.runlog import PHASE_UNTRAINED, record_phase
 
 RANKED_LIST_LENGTH = 10
 # Extra candidates fetched so that same-pid-same-camera matches, which the protocol

@@ -1,8 +1,7 @@
 """The results of a run in one table: one row per model (the untrained starting point, the
 teacher, the student, and whatever else was evaluated), from each model's eval.json and
-log.jsonl, as TSV, Markdown and an HTML fragment (the report's first screen); and what a
-log.jsonl record describes (its phase). Pure functions: the summary rule's script
-(workflow/scripts/summarise.py) reads and writes the files.
+log.jsonl, as TSV, Markdown and an HTML fragment (the report's first screen). Pure functions:
+the summary rule's script (workflow/scripts/summarise.py) reads and writes the files.
 
 Metrics are fractions in eval.json and log.jsonl; the table shows percentages.
 """
@@ -14,23 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# What a log.jsonl record describes (its "phase" field; "epoch" is an integer, or null for
-# the untrained model's evaluation).
-PHASE_UNTRAINED, PHASE_WARMUP, PHASE_TRAIN = "untrained", "warmup", "train"
+from purireid.io.runlog import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARMUP, record_phase
+
 UNTRAINED = "untrained"
 METRICS = (("mAP", "mAP"), ("mINP", "mINP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"))
 TSV_COLUMNS = ("model", *(f"{key}_pct" for key, _ in METRICS), "queries", "epochs", "warmup_epochs", "train_seconds")
-
-
-def record_phase(record: Mapping[str, Any]) -> str:
-    """"untrained" (the evaluation before the first epoch), "warmup" (the student's epoch -1)
-    or "train"; also for logs written before the "phase" field (epoch "untrained" then)."""
-    if record.get("phase"):
-        return str(record["phase"])
-    epoch = record.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
-        return PHASE_UNTRAINED
-    return PHASE_WARMUP if epoch < 0 else PHASE_TRAIN
 
 
 @dataclass(frozen=True)

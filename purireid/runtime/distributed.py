@@ -107,6 +107,11 @@ class DistContext:
         return range(start, min(n, start + per_rank))
 
 
+def per_process_bn_groups(bn_groups: int, world_size: int) -> int:
+    """BN groups inside one process: the global `bn_groups` shared among the processes."""
+    return max(1, bn_groups // world_size)
+
+
 class DeviceUnavailable(RuntimeError):
     """A CUDA device was asked for where torch sees none."""
 

@@ -289,7 +289,7 @@ def _timed(fn: Callable[[], str]) -> tuple[str, float]:
 def _train_step(config: Mapping[str, Any], device: torch.device) -> str:
     """One forward/backward of the configured model as training runs it on `device`."""
     from purireid import VIEWS
-    from purireid.evaluation.inference import autocast_context
+    from purireid.runtime.precision import autocast_context
     from purireid.model.network import build_model
 
     bn_groups = config["model"]["bn_groups"]

@@ -14,7 +14,8 @@ from purireid.evaluation.metrics import headline_metrics
 from purireid.io.files import write_json_atomic
 from purireid.log import get_logger
 from purireid.io.checkpoints import STAGE_CHECKPOINT_FIX, read_checkpoint
-from purireid.evaluation.inference import cache_dir_for, evaluate_model, precision_in_effect
+from purireid.evaluation.inference import cache_dir_for, evaluate_model
+from purireid.runtime.precision import precision_in_effect
 from purireid.evaluation.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
 
 log = get_logger("evaluate")

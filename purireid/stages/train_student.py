@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from purireid.data import read_manifest
-from purireid.runtime.distributed import DistContext, launch
+from purireid.runtime.distributed import DistContext, launch, per_process_bn_groups
 from purireid.io.files import sha256_file
 from purireid.io.checkpoints import load_model_checkpoint
 from purireid.io.features import read_teacher_features
-from purireid.training.loop import TeacherGuidance, per_process_bn_groups, train
+from purireid.training.loop import TeacherGuidance, train
 
 
 def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoint: Path,

@@ -39,9 +39,9 @@ from purireid import VIEWS
 from purireid.data import Record, TrainLoader, read_manifest
 from purireid.labels.diagnostics import label_diagnostics, replacement_advice
 from purireid.training.advice import crop_pad_advice, fine_tuning_advice, schedule_advice
-from purireid.runtime.distributed import DistContext
+from purireid.runtime.distributed import DistContext, per_process_bn_groups
+from purireid.runtime.precision import autocast_context
 from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
-from purireid.evaluation.inference import autocast_context
 from purireid.io.files import image_list_digest, sha256_file, write_jsonl
 from purireid.labels.sources import LabelSource, label_source as make_label_source
 from purireid.log import Progress, get_logger
@@ -60,7 +60,7 @@ from purireid.io.checkpoints import (
 )
 from purireid.evaluation.inference import cache_dir_for, evaluate_model, extract_records
 from purireid.evaluation.reporting import plot_training_curve
-from purireid.evaluation.summary import PHASE_TRAIN, PHASE_UNTRAINED, PHASE_WARMUP
+from purireid.io.runlog import PHASE_UNTRAINED, epoch_phase
 from purireid.runtime.signals import GracefulTermination, TerminationRequested, exit_status
 
 log = get_logger("train")
@@ -70,11 +70,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def per_process_bn_groups(bn_groups: int, world_size: int) -> int:
-    """BN groups inside one process: the global `bn_groups` shared among the processes."""
-    return max(1, bn_groups // world_size)
 
 
 @dataclass
@@ -284,7 +279,7 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
             log.warning("epoch %d: %s", plan.epoch, advice)
     record: dict[str, Any] = {
         "epoch": plan.epoch,
-        "phase": PHASE_WARMUP if plan.epoch < 0 else PHASE_TRAIN,
+        "phase": epoch_phase(plan.epoch),
         "clusters": targets.num_classes,
         "outliers": int((targets.labels < 0).sum()),
         **diagnostics,

@@ -28,7 +28,7 @@ def device_in_effect(config: dict) -> str:
     line (the rule's params show train.amp as configured; it takes effect on CUDA only)."""
     if "device" not in config:
         return ""
-    from purireid.evaluation.inference import precision_in_effect
+    from purireid.runtime.precision import precision_in_effect
     from purireid.runtime.distributed import resolve_device
 
     device = resolve_device(config["device"])

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from purireid import VIEWS
-from purireid.evaluation.inference import autocast_context
+from purireid.runtime.precision import autocast_context
 from purireid.training.losses import distillation_loss
 from purireid.training.terms.base import Batch, EpochTargets, LossTerm
 
