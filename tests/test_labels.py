@@ -38,8 +38,8 @@ def test_label_epoch_gives_the_terms_their_memories_from_the_sources_labels_and_
     source = TrueLabels([5, 5, 8, 8, 8, -1], batch_size=4, num_instances=2, features=features)
     records = [SimpleNamespace(camid=c) for c in (0, 1, 2, 2, 0, 1)]
     config = {"train": {"temperature": 0.05, "camera_proxy": 0.0, "num_instances": 2}}
-    labelling = label_epoch(None, source, records, config, DistContext(), epoch=0, memory_momentum=1.0)
-    targets = labelling.targets
+    labelling = label_epoch(None, source, records, config, DistContext(), epoch=0)
+    targets = labelling.targets(memory_momentum=1.0)
     assert targets.labels.tolist() == [0, 0, 1, 1, 1, -1] and targets.num_classes == 2
     assert [t.name for t in build_terms(config)] == ["ce"]  # the camera proxies are off
     memory = MemoryTerm.from_config(config)
@@ -52,7 +52,7 @@ def test_label_epoch_gives_the_terms_their_memories_from_the_sources_labels_and_
 
     # train.camera_proxy > 0: a proxy per (class, camera), from those images' features
     config = {"train": {"temperature": 0.05, "camera_proxy": 0.5, "num_instances": 2}}
-    targets = label_epoch(None, source, records, config, DistContext(), epoch=0, memory_momentum=0.5).targets
+    targets = label_epoch(None, source, records, config, DistContext(), epoch=0).targets(memory_momentum=0.5)
     assert [t.name for t in build_terms(config)] == ["ce", "camproxy"]
     proxies = CameraProxyTerm.from_config(config)
     proxies.start_epoch(targets)

@@ -26,7 +26,7 @@ from purireid.io.checkpoints import load_model_checkpoint
 from purireid.io.features import FeatureFileMismatch, read_teacher_features
 from purireid.evaluation.inference import evaluate_model, extract_records
 from purireid.runtime.signals import GracefulTermination
-from purireid.training.loop import EpochPlan, TeacherGuidance, TrainingRun, run_epoch, train
+from purireid.training.loop import EpochPlan, TeacherGuidance, TrainFiles, TrainingRun, run_epoch, train
 from purireid.training.terms import build_terms
 
 
@@ -154,7 +154,7 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
     teacher_model = load_model_checkpoint(teacher["model_out"], torch.device("cpu"))
     guidance = TeacherGuidance(teacher_model, read_teacher_features(teacher["features"])["features"], "x")
     camids = np.array([r.camid for r in train_records], dtype=np.int64)
-    plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
+    plan = EpochPlan(index=1, epoch=0, label_source=PseudoLabels(config, camids=camids), iters=2,
                      memory_momentum=config["train"]["memory_momentum"])
     results = []
     for guide in (None, guidance):
@@ -165,7 +165,7 @@ def test_mu_zero_reduces_to_teacher_training(dataset, teacher):
         with GracefulTermination() as stop:
             run = TrainingRun(config, DistContext(), train_records, loader, stop, build_terms(config, teacher=guide),
                               cache_dir=dataset["manifest"].parent / "cache")
-            record = run_epoch(run, plan, model, model, optimizer)
+            record = run_epoch(run, plan, model, optimizer)
         results.append((record, model.state_dict()))
     (r0, s0), (r1, s1) = results
     assert r0["loss"] == r1["loss"]
@@ -185,7 +185,7 @@ def test_camera_proxy_term_joins_the_loss(dataset):
         loader = TrainLoader(records, config["data_root"], height=data["height"], width=data["width"],
                              batch_size=config["train"]["batch_size"], num_instances=config["train"]["num_instances"],
                              iters=2, seed=1, use_cache=True, cache_dir=dataset["manifest"].parent / "cache")
-        plan = EpochPlan(index=1, epoch=0, labels=PseudoLabels(config, camids=camids), iters=2,
+        plan = EpochPlan(index=1, epoch=0, label_source=PseudoLabels(config, camids=camids), iters=2,
                          memory_momentum=config["train"]["memory_momentum"])
         torch.manual_seed(0)
         from purireid.model.network import build_model
@@ -194,7 +194,7 @@ def test_camera_proxy_term_joins_the_loss(dataset):
         with GracefulTermination() as stop:
             run = TrainingRun(config, DistContext(), records, loader, stop, build_terms(config),
                               cache_dir=dataset["manifest"].parent / "cache")
-            record = run_epoch(run, plan, model, model, optimizer)
+            record = run_epoch(run, plan, model, optimizer)
         results.append((record, model.state_dict()))
     (plain, s0), (with_proxies, s1) = results
     assert not any(key.startswith("camproxy_") for key in plain)
@@ -211,7 +211,7 @@ def test_training_from_true_labels(dataset, tmp_path):
     config = tiny_config(dataset["config"]["data_root"], train={"epochs": 1, "iters": 2, "eval_every": 0})
     records = read_manifest(dataset["manifest"])["train"]
     paths = teacher_paths(tmp_path)
-    train(job(config, "train_teacher"), manifest=dataset["manifest"], **paths, ctx=DistContext(),
+    train(job(config, "train_teacher"), TrainFiles(manifest=dataset["manifest"], **paths), ctx=DistContext(),
           label_source=TrueLabels.from_pids([r.pid for r in records], config))
     log = [json.loads(line) for line in paths["log_jsonl"].read_text().splitlines()]
     assert [r["epoch"] for r in log] == [None, 0]

@@ -107,6 +107,12 @@ class DistContext:
         return range(start, min(n, start + per_rank))
 
 
+def unwrapped(net: torch.nn.Module) -> torch.nn.Module:
+    """The model inside what the steps run: torch.compile's and DistributedDataParallel's wrappers removed."""
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+
+
 def per_process_bn_groups(bn_groups: int, world_size: int) -> int:
     """BN groups inside one process: the global `bn_groups` shared among the processes."""
     return max(1, bn_groups // world_size)

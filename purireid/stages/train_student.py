@@ -14,13 +14,13 @@ from purireid.runtime.distributed import DistContext, launch, per_process_bn_gro
 from purireid.io.files import sha256_file
 from purireid.io.checkpoints import load_model_checkpoint
 from purireid.io.features import read_teacher_features
-from purireid.training.loop import TeacherGuidance, train
+from purireid.training.loop import TeacherGuidance, TrainFiles, train
 
 
-def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoint: Path,
+def _worker(config: Mapping[str, Any], files: TrainFiles, teacher_checkpoint: Path,
             teacher_features: Path, *, ctx: DistContext) -> None:
     checkpoint_sha = sha256_file(teacher_checkpoint)
-    train_paths = [r.path for r in read_manifest(paths["manifest"])["train"]]
+    train_paths = [r.path for r in read_manifest(files.manifest)["train"]]
     stored = read_teacher_features(teacher_features, expected_checkpoint_sha256=checkpoint_sha,
                                    expected_paths=train_paths)
     teacher_model = load_model_checkpoint(
@@ -30,7 +30,7 @@ def _worker(config: Mapping[str, Any], paths: dict[str, Path], teacher_checkpoin
     if ctx.device.type == "cuda" and config["train"]["channels_last"]:
         teacher_model.to(memory_format=torch.channels_last)
     guidance = TeacherGuidance(model=teacher_model, features=stored["features"], checkpoint_sha256=checkpoint_sha)
-    train(config, **paths, ctx=ctx, teacher=guidance)
+    train(config, files, ctx=ctx, teacher=guidance)
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, teacher_checkpoint: str | Path,
@@ -40,9 +40,11 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, teacher_checkpoint: 
 
     `config`: at least the keys purireid.config.resolve.stage_config(config, "train_student") holds.
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
+
+    Over 8 parameters on purpose: like every stage's `run`, one keyword per named input and
+    output of its rule, which the rule's script passes by name.
     """
-    paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
-             "curve_png": Path(curve_png), "state_dir": Path(state_dir),
-             "source_weights": None if source_weights is None else Path(source_weights)}
-    launch(_worker, dict(config), paths, Path(teacher_checkpoint), Path(teacher_features),
+    files = TrainFiles(Path(manifest), Path(model_out), Path(log_jsonl), Path(curve_png), Path(state_dir),
+                       None if source_weights is None else Path(source_weights))
+    launch(_worker, dict(config), files, Path(teacher_checkpoint), Path(teacher_features),
            world_size=config["train"]["gpus"], device=config["device"])

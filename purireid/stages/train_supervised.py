@@ -12,13 +12,13 @@ from typing import Any
 from purireid.data import read_manifest
 from purireid.runtime.distributed import DistContext, launch
 from purireid.labels.sources import label_source
-from purireid.training.loop import train
+from purireid.training.loop import TrainFiles, train
 
 
-def _worker(config: Mapping[str, Any], paths: dict[str, Path], role: str, *, ctx: DistContext) -> None:
-    labels = label_source("true_identities", config, read_manifest(paths["manifest"])["train"])
+def _worker(config: Mapping[str, Any], files: TrainFiles, role: str, *, ctx: DistContext) -> None:
+    labels = label_source("true_identities", config, read_manifest(files.manifest)["train"])
     labels.role = role
-    train(config, **paths, ctx=ctx, label_source=labels)
+    train(config, files, ctx=ctx, label_source=labels)
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Path, log_jsonl: str | Path,
@@ -31,7 +31,6 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Pat
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source' (the
     supervised reference then starts where the teacher starts).
     """
-    paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
-             "curve_png": Path(curve_png), "state_dir": Path(state_dir),
-             "source_weights": None if source_weights is None else Path(source_weights)}
-    launch(_worker, dict(config), paths, role, world_size=config["train"]["gpus"], device=config["device"])
+    files = TrainFiles(Path(manifest), Path(model_out), Path(log_jsonl), Path(curve_png), Path(state_dir),
+                       None if source_weights is None else Path(source_weights))
+    launch(_worker, dict(config), files, role, world_size=config["train"]["gpus"], device=config["device"])

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from purireid.runtime.distributed import DistContext, launch
-from purireid.training.loop import train
+from purireid.training.loop import TrainFiles, train
 
 
-def _worker(config: Mapping[str, Any], paths: dict[str, Path], *, ctx: DistContext) -> None:
-    train(config, **paths, ctx=ctx)
+def _worker(config: Mapping[str, Any], files: TrainFiles, *, ctx: DistContext) -> None:
+    train(config, files, ctx=ctx)
 
 
 def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Path, log_jsonl: str | Path,
@@ -22,7 +22,6 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, model_out: str | Pat
     `config`: at least the keys purireid.config.resolve.stage_config(config, "train_teacher") holds.
     `source_weights`: the pretrain_source checkpoint, used when model.pretrained is 'source'.
     """
-    paths = {"manifest": Path(manifest), "model_out": Path(model_out), "log_jsonl": Path(log_jsonl),
-             "curve_png": Path(curve_png), "state_dir": Path(state_dir),
-             "source_weights": None if source_weights is None else Path(source_weights)}
-    launch(_worker, dict(config), paths, world_size=config["train"]["gpus"], device=config["device"])
+    files = TrainFiles(Path(manifest), Path(model_out), Path(log_jsonl), Path(curve_png), Path(state_dir),
+                       None if source_weights is None else Path(source_weights))
+    launch(_worker, dict(config), files, world_size=config["train"]["gpus"], device=config["device"])

@@ -3,6 +3,9 @@ functions of config values, each a warning naming the config key to change, or N
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 # Above this rate, training from pretrained weights lost their head start on held-out sets.
 FINE_TUNING_LR = 3.5e-4
@@ -55,3 +58,14 @@ def schedule_advice(step_size: int, epochs: int, gamma: float, key: str) -> str 
     return (f"{key}={step_size} decays the learning rate {decays} times over {epochs} epochs (to "
             f"{gamma ** decays:.0e} x train.lr in the last): the last epochs barely train; set config key "
             f"'{key}' near two thirds of the epochs ({max(1, round(2 * epochs / 3))})")
+
+
+def settings_advice(config: Mapping[str, Any], step_size: int, step_key: str, epochs: int) -> list[str]:
+    """The warnings about a run's settings at its start: the learning rate for pretrained weights,
+    the crop border, the step schedule over the run's `epochs` scheduler steps (`step_size` set
+    by config key `step_key`)."""
+    train = config["train"]
+    found = (fine_tuning_advice(config["model"]["pretrained"], train["lr"]),
+             crop_pad_advice(train["crop_pad"], config["data"]["width"]),
+             schedule_advice(step_size, epochs, train["gamma"], step_key))
+    return [advice for advice in found if advice]

@@ -37,31 +37,21 @@ import torch
 
 from purireid import VIEWS
 from purireid.data import Record, TrainLoader, read_manifest
+from purireid.evaluation.inference import cache_dir_for, extract_records
+from purireid.evaluation.metrics import HEADLINE_KEYS
+from purireid.io.checkpoints import config_fingerprint, write_resolved_config
+from purireid.io.files import image_list_digest, sha256_file
+from purireid.io.runlog import epoch_phase
 from purireid.labels.diagnostics import label_diagnostics, replacement_advice
-from purireid.training.advice import crop_pad_advice, fine_tuning_advice, schedule_advice
-from purireid.runtime.distributed import DistContext, per_process_bn_groups
-from purireid.runtime.precision import autocast_context
-from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
-from purireid.io.files import image_list_digest, sha256_file, write_jsonl
 from purireid.labels.sources import LabelSource, label_source as make_label_source
 from purireid.log import Progress, get_logger
+from purireid.runtime.distributed import DistContext, unwrapped
+from purireid.runtime.precision import autocast_context
+from purireid.runtime.signals import GracefulTermination, TerminationRequested
+from purireid.training.advice import settings_advice
 from purireid.training.losses import view_weights
+from purireid.training.run_parts import ModelUnderTraining, PeriodicEvaluation, RunLog, RunState
 from purireid.training.terms import Batch, EpochTargets, GatheredBatch, LossTerm, build_terms, weighted_view_sum
-from purireid.model.network import build_model
-from purireid.io.checkpoints import (
-    clear_state,
-    config_fingerprint,
-    load_best,
-    load_state,
-    save_best,
-    save_model_checkpoint,
-    save_state,
-    write_resolved_config,
-)
-from purireid.evaluation.inference import cache_dir_for, evaluate_model, extract_records
-from purireid.evaluation.reporting import plot_training_curve
-from purireid.io.runlog import PHASE_UNTRAINED, epoch_phase
-from purireid.runtime.signals import GracefulTermination, TerminationRequested, exit_status
 
 log = get_logger("train")
 
@@ -83,11 +73,12 @@ class TeacherGuidance:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """One epoch of a run."""
+    """One epoch of a run: where its labels come from, its length, and the memory momentum its
+    loss terms update with."""
 
     index: int  # position in the run: seeds the epoch, counts it for resuming
     epoch: int  # its number in the log; -1 = the student's warm-up on the teacher's features
-    labels: LabelSource
+    label_source: LabelSource
     iters: int
     memory_momentum: float  # 1.0 = frozen memories
 
@@ -118,17 +109,26 @@ def lr_step_size(config: Mapping[str, Any], *, student: bool) -> tuple[int, str]
 
 @dataclass(frozen=True)
 class Labelling:
-    """An epoch's labels for the terms, and what the labelling cost."""
+    """An epoch's labels (-1 = left out), the features they came from, the records' cameras, and
+    what the labelling cost."""
 
-    targets: EpochTargets
+    labels: np.ndarray
+    features: Mapping[str, torch.Tensor]
+    camids: np.ndarray
+    num_classes: int
+    device: torch.device
     extract_s: float
     label_s: float
 
+    def targets(self, memory_momentum: float) -> EpochTargets:
+        """What the loss terms build their epoch's state from, with the epoch plan's memory momentum."""
+        return EpochTargets(self.labels, self.features, self.camids, self.num_classes, memory_momentum, self.device)
+
 
 def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[Record], config: Mapping[str, Any],
-                ctx: DistContext, *, epoch: int, memory_momentum: float, cache_dir: Path | None = None) -> Labelling:
+                ctx: DistContext, *, epoch: int, cache_dir: Path | None = None) -> Labelling:
     """The labelling step: features (the model's, or the source's fixed ones) -> labels (on rank 0,
-    broadcast) -> what the loss terms build their epoch's state from (`LossTerm.start_epoch`)."""
+    broadcast), checked by the source on every rank."""
     tic = time.time()
     features = source.features
     if features is None:
@@ -140,8 +140,7 @@ def label_epoch(model: torch.nn.Module, source: LabelSource, records: Sequence[R
     labels = ctx.broadcast_object(labels)
     num_classes = source.check(labels, epoch=epoch)
     camids = np.array([r.camid for r in records], dtype=np.int64)
-    targets = EpochTargets(labels, features, camids, num_classes, memory_momentum, ctx.device)
-    return Labelling(targets, extract_s, time.time() - tic)
+    return Labelling(labels, features, camids, num_classes, ctx.device, extract_s, time.time() - tic)
 
 
 @dataclass(frozen=True)
@@ -251,15 +250,17 @@ class TrainingRun:
         return np.array([r.camid for r in self.train_records], dtype=np.int64)
 
 
-def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer) -> dict:
-    """Label, then train one epoch; returns its log record (mAP, mINP, rank1/5/10 None: evaluation is the caller's)."""
+def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Label, then train one epoch; returns its log record (mAP, mINP, rank1/5/10 None: evaluation is the caller's).
+
+    `net`: the module the steps run (the model, or its DistributedDataParallel / compiled
+    wrapper); the labelling extracts features with the eager model inside it."""
     config, ctx, train = run.config, run.ctx, run.config["train"]
     # Every epoch reseeds, so a resumed run draws the same batches and augmentations.
     seed_everything(config["seed"] * 1000 + plan.index)
-    labelling = label_epoch(model, plan.labels, run.train_records, config, ctx, epoch=plan.epoch,
-                            memory_momentum=plan.memory_momentum, cache_dir=run.cache_dir)
-    targets = labelling.targets
+    labelling = label_epoch(unwrapped(net), plan.label_source, run.train_records, config, ctx, epoch=plan.epoch,
+                            cache_dir=run.cache_dir)
+    targets = labelling.targets(plan.memory_momentum)
     for term in run.terms:
         term.start_epoch(targets)
     batches = run.loader.epoch(plan.epoch, targets.labels, iters=plan.iters)
@@ -274,7 +275,7 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
     # Diagnostics against the true identities: logged, never fed back into training.
     diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids)
     if plan.index == 0 and ctx.is_main:
-        notes = [*plan.labels.advice(diagnostics), replacement_advice(targets.labels, train["num_instances"])]
+        notes = [*plan.label_source.advice(diagnostics), replacement_advice(targets.labels, train["num_instances"])]
         for advice in filter(None, notes):
             log.warning("epoch %d: %s", plan.epoch, advice)
     record: dict[str, Any] = {
@@ -307,7 +308,7 @@ def resume_fingerprint(config: Mapping[str, Any], role: str, plans: Sequence[Epo
                        source_weights: str | Path | None) -> str:
     """What a saved state must match to be resumed: everything that changes the weights (not
     train.eval_every, which only adds evaluations)."""
-    label_sources = sorted({json.dumps(p.labels.fingerprint(), sort_keys=True, default=str) for p in plans})
+    label_sources = sorted({json.dumps(p.label_source.fingerprint(), sort_keys=True, default=str) for p in plans})
     parts: list[Any] = [role, config["dataset"], config["seed"], config["data"]["height"], config["data"]["width"],
                         config["model"], config["train"] | {"eval_every": None}, config["evaluate"]["rerank"],
                         label_sources, image_list_digest([r.path for r in train_records])]
@@ -318,149 +319,97 @@ def resume_fingerprint(config: Mapping[str, Any], role: str, plans: Sequence[Epo
     return config_fingerprint(*parts)
 
 
-def train(
-    config: Mapping[str, Any],
-    *,
-    manifest: str | Path,
-    model_out: str | Path,
-    log_jsonl: str | Path,
-    curve_png: str | Path,
-    state_dir: str | Path,
-    ctx: DistContext,
-    teacher: TeacherGuidance | None = None,
-    label_source: LabelSource | None = None,
-    source_weights: str | Path | None = None,
-) -> None:
-    """Train a model from `label_source` (default: pseudo labels of its own features, i.e. the
-    teacher); with `teacher`, the student. Resumes from `state_dir` when possible.
+@dataclass(frozen=True)
+class TrainFiles:
+    """The files of a training run: what it reads (the manifest; the pretrain_source rule's
+    checkpoint when model.pretrained is 'source') and what it writes (the checkpoint, log.jsonl,
+    the training curve, the resume state's folder)."""
 
-    With model.pretrained 'source' the model starts from `source_weights` (the pretrain_source
-    rule's checkpoint; its sha256 joins the resume fingerprint).
+    manifest: Path
+    model_out: Path
+    log_jsonl: Path
+    curve_png: Path
+    state_dir: Path
+    source_weights: Path | None = None
+
+
+def starting_weights(config: Mapping[str, Any], source_weights: Path | None) -> str:
+    """model.pretrained, with 'source' replaced by the source-pretrained checkpoint's path."""
+    pretrained = config["model"]["pretrained"]
+    if pretrained != "source":
+        return pretrained
+    if source_weights is None:
+        raise ValueError("model.pretrained is 'source' but no source weights were given "
+                         "(the pretrain_source rule's model.pth)")
+    log.info("starting from the source-pretrained weights %s", source_weights)
+    return str(source_weights)
+
+
+def train_loader(config: Mapping[str, Any], train_records: Sequence[Record], ctx: DistContext,
+                 cache_dir: Path | None) -> TrainLoader:
+    """The loader of the run's training batches (its sampler, augmentation and image cache)."""
+    data, train_cfg = config["data"], config["train"]
+    return TrainLoader(train_records, config["data_root"], height=data["height"], width=data["width"],
+                       batch_size=train_cfg["batch_size"], num_instances=train_cfg["num_instances"],
+                       iters=train_cfg["iters"], sampler=train_cfg["sampler"], workers=data["workers"],
+                       seed=config["seed"], rank=ctx.rank, world_size=ctx.world_size, use_cache=data["use_cache"],
+                       cache_dir=cache_dir, device=ctx.device, crop_pad=train_cfg["crop_pad"])
+
+
+def train(config: Mapping[str, Any], files: TrainFiles, *, ctx: DistContext, teacher: TeacherGuidance | None = None,
+          label_source: LabelSource | None = None) -> None:
+    """Train a model from `label_source` (default: pseudo labels of its own features, i.e. the
+    teacher); with `teacher`, the student. Resumes from `files.state_dir` when possible; with
+    model.pretrained 'source' starts from `files.source_weights` (its sha256 joins the resume
+    fingerprint).
 
     Reads config keys dataset, data_root, seed, data, model, train, evaluate.rerank, plus
     cluster (pseudo labels) and student (with a teacher).
     """
-    model_cfg, train_cfg = config["model"], config["train"]
-    splits = read_manifest(manifest)
+    splits = read_manifest(files.manifest)
     train_records = splits["train"]
     if label_source is None:  # the teacher and the student: pseudo labels of the model's own features
         label_source = make_label_source(config["cluster"]["method"], config, train_records)
     role = "student" if teacher is not None else label_source.role
-    device = ctx.device
-    cache_dir = cache_dir_for(manifest)
-    rerank = config["evaluate"]["rerank"]
     plans = epoch_plans(config, label_source, teacher, train_records)
-
-    pretrained = model_cfg["pretrained"]
     step_size, step_key = lr_step_size(config, student=teacher is not None)
-    for advice in (fine_tuning_advice(pretrained, train_cfg["lr"]),
-                   crop_pad_advice(train_cfg["crop_pad"], config["data"]["width"]),
-                   schedule_advice(step_size, len(plans), train_cfg["gamma"], step_key)):
-        if advice and ctx.is_main:
-            log.warning("%s", advice)
-    if pretrained == "source":
-        if source_weights is None:
-            raise ValueError("model.pretrained is 'source' but no source weights were given "
-                             "(the pretrain_source rule's model.pth)")
-        pretrained = str(source_weights)
-        log.info("starting from the source-pretrained weights %s", source_weights)
-    fingerprint = resume_fingerprint(config, role, plans, train_records, teacher, source_weights)
+    for advice in settings_advice(config, step_size, step_key, len(plans)) if ctx.is_main else ():
+        log.warning("%s", advice)
+    pretrained = starting_weights(config, files.source_weights)
+    fingerprint = resume_fingerprint(config, role, plans, train_records, teacher, files.source_weights)
 
     seed_everything(config["seed"])
-    model = build_model(model_cfg["arch"], pretrained,
-                        per_process_bn_groups(model_cfg["bn_groups"], ctx.world_size),
-                        input_norm=model_cfg["input_norm"]).to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=train_cfg["gamma"])
-
-    state = load_state(state_dir, fingerprint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        records: list[dict] = state["log"]
-        start, best_map = state["next_epoch_index"], state["best_map"]
-        log.info("resuming %s from %s: %d of %d epochs done", role, state_dir, start, len(plans))
-    else:
-        records, start, best_map = [], 0, -1.0
-        log.info("starting %s training (no resume state; %d epochs)", role, len(plans))
-
-    if device.type == "cuda" and train_cfg["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    net: torch.nn.Module = model
-    if ctx.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if train_cfg["compile"]:  # the steps only: evaluation and labelling use the eager `model`
-        net = torch.compile(net)
-
-    def test_accuracy() -> dict:
-        # The headline metrics (mAP, mINP, Rank-1/5/10): the CMC up to rank 10 is enough.
-        metrics = evaluate_model(model, splits, config, ctx, rerank=rerank, max_rank=max(HEADLINE_RANKS),
-                                 cache_dir=cache_dir)
-        return headline_metrics(metrics)
-
+    trained = ModelUnderTraining.build(config, pretrained, step_size, ctx)
+    run_log = RunLog(files.log_jsonl, files.curve_png, f"{role} ({config['dataset']})", ctx)
+    state = RunState(files.state_dir, fingerprint, config, ctx, role)
+    start = state.restore(trained, run_log, len(plans))
+    net = trained.for_steps(config["train"], ctx)
+    cache_dir = cache_dir_for(files.manifest)
+    evaluation = PeriodicEvaluation(trained.model, splits, config, ctx, cache_dir)
     if ctx.is_main:  # a declared output of the rule: written on every (also resumed) start
-        write_resolved_config(model_out, config)
-    if state is None:
-        tic = time.time()
-        metrics = test_accuracy()
-        records.append({"epoch": None, "phase": PHASE_UNTRAINED, **metrics, "seconds": round(time.time() - tic, 2)})
-        log.info("%s before training: mAP %.1f%%  Rank-1 %.1f%%", role, 100 * metrics["mAP"], 100 * metrics["rank1"])
-        if ctx.is_main:
-            write_jsonl(log_jsonl, records)
+        write_resolved_config(files.model_out, config)
+    if start is None:
+        run_log.append(evaluation.untrained(role))
+        run_log.write(curve=False)
 
-    data = config["data"]
-    loader = TrainLoader(train_records, config["data_root"], height=data["height"], width=data["width"],
-                         batch_size=train_cfg["batch_size"], num_instances=train_cfg["num_instances"],
-                         iters=train_cfg["iters"], sampler=train_cfg["sampler"], workers=data["workers"],
-                         seed=config["seed"], rank=ctx.rank, world_size=ctx.world_size, use_cache=data["use_cache"],
-                         cache_dir=cache_dir, device=device, crop_pad=train_cfg["crop_pad"])
-    title = f"{role} ({config['dataset']})"
+    loader = train_loader(config, train_records, ctx, cache_dir)
     with GracefulTermination() as stop:
         run = TrainingRun(config, ctx, train_records, loader, stop, build_terms(config, teacher=teacher),
                           cache_dir=cache_dir)
         try:
-            for plan in plans[start:]:
-                record = run_epoch(run, plan, net, model, optimizer)
-                scheduler.step()
-                last = plan.index == len(plans) - 1
-                epoch, every = plan.epoch, train_cfg["eval_every"]
-                if every and epoch >= 0 and ((epoch + 1) % every == 0 or last):
-                    metrics = test_accuracy()
-                    record.update(metrics)
-                    log.info("epoch %d: mAP %.1f%%  Rank-1 %.1f%%", epoch, 100 * metrics["mAP"], 100 * metrics["rank1"])
-                    if train_cfg["keep_best"] and metrics["mAP"] > best_map and ctx.is_main:
-                        best_map = metrics["mAP"]
-                        save_best(state_dir, model, config, epoch=epoch, mAP=best_map)
-                records.append(record)
-                if ctx.is_main:
-                    save_state(state_dir, {
-                        "fingerprint": fingerprint, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "next_epoch_index": plan.index + 1, "log": records, "best_map": best_map,
-                    })
-                    write_jsonl(log_jsonl, records)
-                    plot_training_curve(curve_png, records, title)
+            for plan in plans[start or 0:]:
+                record = run_epoch(run, plan, net, trained.optimizer)
+                trained.scheduler.step()
+                if evaluation.due(plan.epoch, last=plan.index == len(plans) - 1):
+                    record.update(evaluation.after_epoch(plan.epoch))
+                    state.keep_if_best(trained.model, plan.epoch, record["mAP"])
+                run_log.append(record)
+                state.save(trained, plan.index + 1, run_log.records)
+                run_log.write()
                 ctx.barrier()
         except TerminationRequested as exc:
-            done = len(records) - 1  # the untrained evaluation is no epoch
-            if done:
-                log.warning("%s: stopping %s; the state after %d completed epochs is kept in %s and a rerun "
-                            "resumes there", exc, role, done, state_dir)
-            else:
-                log.warning("%s: stopping %s before its first epoch completed; no state is kept, a rerun starts "
-                            "from the beginning", exc, role)
-            raise SystemExit(exit_status(exc.signum)) from None
+            raise state.stopped(exc, run_log.epochs_done) from None
 
-    if ctx.is_main:
-        best = load_best(state_dir) if train_cfg["keep_best"] else None
-        if best is not None:
-            model.load_state_dict(best["state_dict"])
-            log.info("output is the best-by-test-mAP checkpoint (epoch %s, mAP %.1f%%)", best["epoch"], 100 * best["mAP"])
-        write_jsonl(log_jsonl, records)
-        plot_training_curve(curve_png, records, title)
-        save_model_checkpoint(model_out, model, config, role=role, epochs=train_cfg["epochs"])
-        clear_state(state_dir)
+    run_log.write()
+    state.write_output(trained.model, files.model_out)
     ctx.barrier()
