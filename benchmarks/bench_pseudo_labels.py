@@ -164,13 +164,13 @@ def run_child(mode: str, n: int, eps: float, backend: str, labels_out: str, repe
     t, c = time.perf_counter(), time.process_time()
     again = []
     if mode == "ours":
-        from purireid.labels.cluster import pseudo_labels
+        from purireid.labels.cluster import ClusterSettings, pseudo_labels
 
         for r in range(repeat):  # later calls: what every epoch after the first pays
             stats: dict = {}
             t1 = time.perf_counter()
-            labels = pseudo_labels(views, k1=K1, k2=K2, lambda1=LAMBDA1, eps=eps, min_samples=MIN_SAMPLES,
-                                   backend=backend, stats=stats)
+            settings = ClusterSettings(k1=K1, k2=K2, lambda1=LAMBDA1, eps=eps, min_samples=MIN_SAMPLES)
+            labels = pseudo_labels(views, settings, backend=backend, stats=stats)
             if r == 0:
                 total, cpu, first_stats = time.perf_counter() - t, time.process_time() - c, stats
             else:

@@ -26,7 +26,8 @@ def _dense_fused(views, k1, k2, lambda1) -> np.ndarray:
 def test_pseudo_labels_equal_dense_dbscan(eps, seed):
     views = _views(200, seed)
     want = DBSCAN(eps=eps, min_samples=4, metric="precomputed").fit_predict(_dense_fused(views, 20, 6, 0.15))
-    got = cluster.pseudo_labels({"global": views[0], "upper": views[1], "lower": views[2]}, k1=20, k2=6, eps=eps)
+    got = cluster.pseudo_labels({"global": views[0], "upper": views[1], "lower": views[2]},
+                                cluster.ClusterSettings(k1=20, k2=6, eps=eps))
     assert got.dtype == np.int64
     assert len(set(want)) > 2  # a non-trivial clustering
     np.testing.assert_array_equal(got, want)
@@ -43,7 +44,7 @@ def test_fused_pairs_are_exactly_the_dense_pairs_within_eps(lambda1, eps):
     weights = (1 - 2 * lambda1, lambda1, lambda1)
     mats = [ref.densify(jaccard_distance(v, 20, 6)) for v in views]
     dense = weights[0] * mats[0] + weights[1] * mats[1] + weights[2] * mats[2]  # float32, view order
-    codes, values = cluster.fuse_views(views, weights, eps, k1=20, k2=6)
+    codes, values = cluster.fuse_views(views, weights, cluster.ClusterSettings(k1=20, k2=6, eps=eps))
     i, j = np.divmod(codes, 160)
     want = np.triu(dense <= np.float32(eps))
     assert np.all(i <= j) and np.array_equal(np.sort(codes), codes)
@@ -58,7 +59,7 @@ def test_fused_pairs_are_exactly_the_dense_pairs_within_eps(lambda1, eps):
 def test_pseudo_labels_rejects_bad_input():
     views = [ref.clustered(40, seed=v) for v in range(3)]
     with pytest.raises(ValueError, match="eps"):
-        cluster.pseudo_labels(views, eps=1.0)
+        cluster.pseudo_labels(views, cluster.ClusterSettings(eps=1.0))
     with pytest.raises(ValueError, match="three views"):
         cluster.pseudo_labels(views[:2])
     with pytest.raises(ValueError, match="same number of rows"):

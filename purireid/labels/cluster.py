@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,9 +38,34 @@ from purireid import VIEWS
 from purireid.labels.jaccard import PairFilter, jaccard_pairs, pairs_to_csr
 from purireid.log import get_logger
 
-__all__ = ["fuse_views", "pseudo_labels", "cluster_centres"]
+__all__ = ["ClusterSettings", "fuse_views", "pseudo_labels", "cluster_centres"]
 
 log = get_logger("cluster")
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The pseudo labels' settings (config section `cluster`; defaults: the paper's,
+    docs/method.md, Pseudo labels): k-reciprocal neighbours k1 and query expansion k2, the part
+    views' weight lambda1 in the fused distance, DBSCAN's eps and min_samples, and the offset
+    added to same-camera squared distances (0 = the paper)."""
+
+    k1: int = 30
+    k2: int = 6
+    lambda1: float = 0.15
+    eps: float = 0.6
+    min_samples: int = 4
+    same_camera_offset: float = 0.0
+
+    @classmethod
+    def from_config(cls, cluster: Mapping[str, Any]) -> ClusterSettings:
+        return cls(k1=cluster["k1"], k2=cluster["k2"], lambda1=cluster["lambda1"], eps=cluster["eps"],
+                   min_samples=cluster["min_samples"], same_camera_offset=cluster.get("same_camera_offset", 0.0))
+
+    @property
+    def view_weights(self) -> tuple[float, float, float]:
+        """The fused distance's weights of the VIEWS: 1 - 2·lambda1, lambda1, lambda1."""
+        return (1 - 2 * self.lambda1, self.lambda1, self.lambda1)
 
 
 def _eps_limit(eps: float) -> np.float64:
@@ -81,15 +107,18 @@ def _fold_filter(codes: np.ndarray, values: np.ndarray, absent: np.float32, w: n
 
 
 def fuse_views(
-    views: Sequence[Any], weights: Sequence[float], eps: float, *, k1: int = 30, k2: int = 6, backend: str = "auto",
-    stats: dict | None = None, camids: Any = None, same_camera_offset: float = 0.0,
+    views: Sequence[Any], weights: Sequence[float], settings: ClusterSettings = ClusterSettings(), *,
+    camids: Any = None, backend: str = "auto", stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs whose fused Jaccard distance sum_v w_v·D_v may be within eps: sorted upper-triangle
-    codes i*N + j (diagonal included) and their float32 fused distances, bit-identical to the
-    dense float32 evaluation in view order. See the module docstring for the pruning.
+    """Pairs whose fused Jaccard distance sum_v w_v·D_v may be within settings.eps: sorted
+    upper-triangle codes i*N + j (diagonal included) and their float32 fused distances,
+    bit-identical to the dense float32 evaluation in view order. The Jaccard distance of each
+    view takes settings.k1, k2 and same_camera_offset (with `camids`). See the module docstring
+    for the pruning.
 
     Raises ValueError when pairs absent from every view (fused distance sum_v w_v) would be
     within eps: the graph would not be sparse."""
+    eps, k1, k2, same_camera_offset = settings.eps, settings.k1, settings.k2, settings.same_camera_offset
     limit = _eps_limit(eps)
     if _absent_sum(weights) <= limit:
         raise ValueError(f"eps={eps} >= fused distance of unrelated pairs ({_absent_sum(weights)}); use eps < 1")
@@ -128,21 +157,16 @@ def _dbscan_graph(graph: Any, min_samples: int, eps: float) -> np.ndarray:
 
 def pseudo_labels(
     views: Mapping[str, Any] | Sequence[Any],
+    settings: ClusterSettings = ClusterSettings(),
     *,
-    k1: int = 30,
-    k2: int = 6,
-    lambda1: float = 0.15,
-    eps: float = 0.6,
-    min_samples: int = 4,
+    camids: Any = None,
     backend: str = "auto",
     stats: dict | None = None,
-    camids: Any = None,
-    same_camera_offset: float = 0.0,
 ) -> np.ndarray:
     """DBSCAN labels (int64, -1 = outlier) of the fused Jaccard distance of the three views
     (a mapping keyed by VIEWS, or a sequence in VIEWS order), docs/method.md (Pseudo labels).
 
-    `same_camera_offset` (with `camids`) is added to same-camera squared distances before the
+    `settings.same_camera_offset` (with `camids`) is added to same-camera squared distances before the
     Jaccard distance of each view (`purireid.labels.jaccard.jaccard_pairs`; 0 = the paper).
     `backend` picks the kNN candidate search only (labels are identical). `stats`, if given,
     accumulates seconds ("knn_s", "jaccard_s" including the fusion, "dbscan_s") and counts
@@ -154,15 +178,13 @@ def pseudo_labels(
     if len(sizes) != 1:
         raise ValueError(f"the three views must have the same number of rows, got {[len(f) for f in feats]}")
     n = sizes.pop()
-    weights = (1 - 2 * lambda1, lambda1, lambda1)
-    codes, values = fuse_views(feats, weights, eps, k1=k1, k2=k2, backend=backend, stats=stats,
-                               camids=camids, same_camera_offset=same_camera_offset)
+    codes, values = fuse_views(feats, settings.view_weights, settings, camids=camids, backend=backend, stats=stats)
     t0 = time.perf_counter()
     # Every view stores its zero diagonal, so the fused diagonal is an explicit 0 (<= eps):
     # a point is its own neighbour, as with a dense matrix (docs/method.md, DBSCAN).
     graph = pairs_to_csr(codes, values, n)
     del codes, values
-    labels = _dbscan_graph(graph, min_samples, eps)
+    labels = _dbscan_graph(graph, settings.min_samples, settings.eps)
     if stats is not None:
         stats["dbscan_s"] = stats.get("dbscan_s", 0.0) + time.perf_counter() - t0
     return labels.astype(np.int64)

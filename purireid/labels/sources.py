@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from purireid import VIEWS
-from purireid.labels.cluster import pseudo_labels
+from purireid.labels.cluster import ClusterSettings, pseudo_labels
 from purireid.labels.diagnostics import camera_advice, k1_advice
 
 
@@ -152,9 +152,7 @@ class PseudoLabels(LabelSource):
         views = [features[v] for v in VIEWS]
         if cluster.get("camera_centre"):
             views = [camera_centred(torch.as_tensor(f), self.camids) for f in views]
-        return pseudo_labels(views, k1=cluster["k1"], k2=cluster["k2"],
-                             lambda1=cluster["lambda1"], eps=cluster["eps"], min_samples=cluster["min_samples"],
-                             camids=self.camids, same_camera_offset=cluster.get("same_camera_offset", 0.0))
+        return pseudo_labels(views, ClusterSettings.from_config(cluster), camids=self.camids)
 
     def check(self, labels: np.ndarray, *, epoch: int) -> int:
         return check_clusters(labels, self.config, epoch)
