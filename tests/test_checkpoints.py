@@ -19,7 +19,8 @@ from purireid.io.checkpoints import (
     CheckpointError, load_best, load_state, read_checkpoint, save_best, save_model_checkpoint, save_state,
 )
 from purireid.io.features import (
-    FeatureFileMismatch, read_feature_file, read_teacher_features, write_feature_file, write_teacher_features,
+    FeatureFileMismatch, FeatureProvenance, read_feature_file, read_teacher_features, write_feature_file,
+    write_teacher_features,
 )
 from purireid.io.filekinds import describe_file, file_kind
 from purireid.model.network import build_model
@@ -137,8 +138,8 @@ def test_one_layout_for_teacher_and_extract_files(files, tmp_path):
     assert teacher.kind == "teacher" and teacher.input_size == (64, 32) and list(teacher.pids) == [5, 5, 6]
     assert set(teacher.features) == set(VIEWS) and teacher.feat_dim == 4
     extract = tmp_path / "gallery.h5"
-    write_feature_file(extract, {"global": np.eye(2, 4, dtype=np.float32)}, ["/x/a.jpg", "/x/b.jpg"], kind="extract",
-                       checkpoint_sha256="b" * 64, input_size=(64, 32), skipped=["/x/c.jpg"])
+    write_feature_file(extract, {"global": np.eye(2, 4, dtype=np.float32)}, ["/x/a.jpg", "/x/b.jpg"],
+                       FeatureProvenance("extract", "b" * 64, (64, 32)), skipped=["/x/c.jpg"])
     with h5py.File(extract) as a, h5py.File(files["train_features.h5"]) as b:
         assert (a.attrs["format"], a.attrs["format_version"]) == (b.attrs["format"], b.attrs["format_version"])
         assert {"features", "paths"} <= set(a) & set(b)
@@ -148,8 +149,8 @@ def test_one_layout_for_teacher_and_extract_files(files, tmp_path):
     with pytest.raises(FeatureFileMismatch, match="not a teacher-feature file.*extract_teacher_features"):
         read_teacher_features(extract)
     again = tmp_path / "again.h5"  # no timestamps: equal features, equal bytes
-    write_feature_file(again, {"global": np.eye(2, 4, dtype=np.float32)}, ["/x/a.jpg", "/x/b.jpg"], kind="extract",
-                       checkpoint_sha256="b" * 64, input_size=(64, 32), skipped=["/x/c.jpg"])
+    write_feature_file(again, {"global": np.eye(2, 4, dtype=np.float32)}, ["/x/a.jpg", "/x/b.jpg"],
+                       FeatureProvenance("extract", "b" * 64, (64, 32)), skipped=["/x/c.jpg"])
     assert again.read_bytes() == extract.read_bytes()
 
 

@@ -460,12 +460,12 @@ def test_search_page_says_which_distance(run, rerank, tmp_path, capsys):
 
 
 def test_feature_files_of_different_dimensions_name_both(run, tmp_path, capsys):
-    from purireid.io.features import read_feature_file, write_feature_file
+    from purireid.io.features import FeatureProvenance, read_feature_file, write_feature_file
 
     gallery = read_feature_file(run["features"]["gallery"], fix="")
     narrow = tmp_path / "narrow.h5"
     write_feature_file(narrow, {"global": np.ones((3, 256), np.float32) / 16}, ["a.jpg", "b.jpg", "c.jpg"],
-                       kind="extract", checkpoint_sha256=gallery.checkpoint_sha256, input_size=gallery.input_size)
+                       FeatureProvenance("extract", gallery.checkpoint_sha256, gallery.input_size))
     code, _, err = run_cli(["search", "--gallery", run["features"]["gallery"], "--query", narrow, "--out",
                             tmp_path / "s"], capsys)
     err = one_line_error(code, err)

@@ -34,7 +34,7 @@ from purireid.config.resolve import without_execution_keys
 from purireid.io.filekinds import FEATURE_FILE_FORMAT, FEATURE_KINDS, feature_file_kind, require_kind
 from purireid.io.files import atomic_hdf5, image_list_digest
 
-__all__ = ["FEATURE_FILE_FORMAT", "FeatureFile", "FeatureFileMismatch", "read_feature_file",
+__all__ = ["FEATURE_FILE_FORMAT", "FeatureFile", "FeatureFileMismatch", "FeatureProvenance", "read_feature_file",
            "read_teacher_features", "write_feature_file", "write_teacher_features"]
 
 FEATURE_FILE_VERSION = 2
@@ -69,12 +69,24 @@ class FeatureFile:
         return int(next(iter(self.features.values())).shape[1])
 
 
-def write_feature_file(path: str | Path, features: Mapping[str, Any], paths: Sequence[str], *, kind: str,
-                       checkpoint_sha256: str, input_size: tuple[int, int] | None,
-                       pids: Sequence[int] | None = None, camids: Sequence[int] | None = None,
-                       skipped: Sequence[str] = (), attrs: Mapping[str, Any] | None = None) -> None:
+@dataclass(frozen=True)
+class FeatureProvenance:
+    """Where a feature file's features come from: its kind ("teacher" or "extract"), the sha256 of
+    the checkpoint that made them, the model's input size (height, width), and the kind's own
+    attributes (teacher: image_list_sha256, config; extract: checkpoint_path, arch, feat_dim)."""
+
+    kind: str
+    checkpoint_sha256: str
+    input_size: tuple[int, int] | None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def write_feature_file(path: str | Path, features: Mapping[str, Any], paths: Sequence[str],
+                       provenance: FeatureProvenance, *, pids: Sequence[int] | None = None,
+                       camids: Sequence[int] | None = None, skipped: Sequence[str] = ()) -> None:
     """Write a feature file atomically, in the one layout (module docstring). `features`: view ->
-    [N, D] array or tensor, in VIEWS order; `attrs`: the kind's own attributes."""
+    [N, D] array or tensor, in VIEWS order."""
+    kind, input_size = provenance.kind, provenance.input_size
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature file kind {kind!r} (one of {', '.join(FEATURE_KINDS)})")
     strings = h5py.string_dtype()
@@ -92,10 +104,10 @@ def write_feature_file(path: str | Path, features: Mapping[str, Any], paths: Seq
         if kind == "extract":
             h5.create_dataset("skipped", data=np.asarray(list(skipped), dtype=strings), track_times=False)
         h5.attrs.update({"format": FEATURE_FILE_FORMAT, "format_version": FEATURE_FILE_VERSION, "kind": kind,
-                         "checkpoint_sha256": checkpoint_sha256, "purireid_version": __version__})
+                         "checkpoint_sha256": provenance.checkpoint_sha256, "purireid_version": __version__})
         if input_size is not None:
             h5.attrs.update({"input_height": int(input_size[0]), "input_width": int(input_size[1])})
-        h5.attrs.update(dict(attrs or {}))
+        h5.attrs.update(dict(provenance.attrs))
 
 
 def _strings(dataset: Any) -> list[str]:
@@ -159,10 +171,10 @@ def write_teacher_features(path: str | Path, features: Mapping[str, Any], *, pat
     with the manifest's identities, the image list's hash and the config."""
     data = config.get("data", {})
     size = (data["height"], data["width"]) if "height" in data and "width" in data else None
-    write_feature_file(path, {v: features[v] for v in VIEWS}, paths, kind="teacher",
-                       checkpoint_sha256=checkpoint_sha256, input_size=size, pids=pids, camids=camids,
-                       attrs={"image_list_sha256": image_list_digest(paths),
-                              "config": yaml.safe_dump(without_execution_keys(config), sort_keys=False)})
+    attrs = {"image_list_sha256": image_list_digest(paths),
+             "config": yaml.safe_dump(without_execution_keys(config), sort_keys=False)}
+    write_feature_file(path, {v: features[v] for v in VIEWS}, paths,
+                       FeatureProvenance("teacher", checkpoint_sha256, size, attrs), pids=pids, camids=camids)
 
 
 def read_teacher_features(path: str | Path, *, expected_checkpoint_sha256: str | None = None,

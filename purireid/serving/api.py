@@ -253,12 +253,13 @@ class FeatureExtractor:
 
 def write_feature_file(path: str | Path, extraction: Extraction, checkpoint: Checkpoint) -> None:
     """Write the features, the image paths and the model's provenance atomically (purireid.io.features)."""
+    from purireid.io.features import FeatureProvenance
     from purireid.io.features import write_feature_file as write
 
-    write(path, extraction.features, extraction.paths, kind="extract", checkpoint_sha256=checkpoint.sha256,
-          input_size=checkpoint.input_size, skipped=[p for p, _ in extraction.skipped],
-          attrs={"checkpoint_path": str(checkpoint.path.resolve()), "arch": checkpoint.arch,
-                 "feat_dim": checkpoint.feat_dim})
+    attrs = {"checkpoint_path": str(checkpoint.path.resolve()), "arch": checkpoint.arch, "feat_dim": checkpoint.feat_dim}
+    write(path, extraction.features, extraction.paths,
+          FeatureProvenance("extract", checkpoint.sha256, checkpoint.input_size, attrs),
+          skipped=[p for p, _ in extraction.skipped])
 
 
 def read_feature_file(path: str | Path) -> FeatureFile:
