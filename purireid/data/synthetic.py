@@ -118,79 +118,104 @@ def _camera(rng: np.random.Generator, strength: float = 1.0) -> dict[str, Any]:
 
 def _render(rng: np.random.Generator, ident: dict[str, Any] | None, cam: dict[str, Any],
             h: int, w: int, junk: bool = False) -> bytes:
-    ys = np.arange(h, dtype=np.float32)[:, None] + 0.5
-    xs = np.arange(w, dtype=np.float32)[None, :] + 0.5
-    # Background: wall / floor split, textured, shifted per image.
+    """One JPEG image of `ident` (None: background only) seen by camera `cam`, drawing from `rng`
+    in a fixed order: background, person, occluder, camera."""
+    img = _background(rng, cam, h, w)
+    if ident is not None:
+        _paint_person(img, rng, ident, cam["views"], junk)
+    _occlude(img, rng)
+    return _camera_image(img, rng, cam)
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates: ys [h, 1] and xs [1, w]."""
+    return np.arange(h, dtype=np.float32)[:, None] + 0.5, np.arange(w, dtype=np.float32)[None, :] + 0.5
+
+
+def _background(rng: np.random.Generator, cam: dict[str, Any], h: int, w: int) -> np.ndarray:
+    """Wall / floor split, textured, shifted per image (float32 [h, w, 3])."""
+    ys, xs = _grid(h, w)
     phase = rng.uniform(0, 100)
     horizon = cam["horizon"] * h + rng.normal(0, 3)
     img = np.where((ys < horizon)[..., None], cam["wall"], cam["floor"]).astype(np.float32)
     img = img + cam["texture"] * np.sin((xs + phase) * cam["tex_freq"] + ys * 0.05)[..., None]
-    img = img + rng.normal(0, 10, (h, 1, 1)).astype(np.float32) * 0.5
+    return img + rng.normal(0, 10, (h, 1, 1)).astype(np.float32) * 0.5
 
-    if ident is not None:
-        scale = rng.uniform(0.78, 1.0) if not junk else rng.uniform(1.6, 2.6)
-        ph = h * scale
-        y0 = (h - ph) / 2 + rng.normal(0, 0.04) * h - (0 if not junk else rng.uniform(0, ph * 0.5))
-        cx = w / 2 + rng.normal(0, 0.07) * w
-        view = VIEWPOINTS[rng.choice(3, p=cam["views"])]
-        pw = ph * 0.34 * ident["build"] * (0.62 if view == "side" else 1.0)
-        u = (xs - cx) / pw
-        v = (ys - y0) / ph
-        au = np.abs(u)
-        up, lo = ident["upper"], ident["lower"]
 
-        def paint(mask: np.ndarray, colour: np.ndarray) -> None:
-            img[mask] = colour
+def _paint_person(img: np.ndarray, rng: np.random.Generator, ident: dict[str, Any], views: np.ndarray,
+                  junk: bool) -> None:
+    """Paint `ident` into `img` in place, facing one of VIEWPOINTS (drawn with the camera's
+    probabilities `views`); a junk image shows a cut, oversized part of the person."""
+    h, w = img.shape[:2]
+    ys, xs = _grid(h, w)
+    scale = rng.uniform(0.78, 1.0) if not junk else rng.uniform(1.6, 2.6)
+    ph = h * scale
+    y0 = (h - ph) / 2 + rng.normal(0, 0.04) * h - (0 if not junk else rng.uniform(0, ph * 0.5))
+    cx = w / 2 + rng.normal(0, 0.07) * w
+    view = VIEWPOINTS[rng.choice(3, p=views)]
+    pw = ph * 0.34 * ident["build"] * (0.62 if view == "side" else 1.0)
+    u = (xs - cx) / pw
+    v = (ys - y0) / ph
+    au = np.abs(u)
+    up, lo = ident["upper"], ident["lower"]
 
-        if ident["bag"] == "backpack" and view != "front":
-            off = 0.35 if view == "side" else 0.0
-            paint((np.abs(u + off) < 0.42) & (v > 0.17) & (v < 0.45), ident["bag_colour"])
-        # Legs / lower clothing.
-        spread = rng.uniform(0.0, 0.12) if view == "side" else 0.0
-        legs = (v > 0.52) & (v < 0.95) & (au < 0.44) & (au > 0.04 - spread)
-        if lo["type"] == "trousers":
-            paint(legs, lo["colour"])
-            if lo["striped"]:
-                paint(legs & ((au > 0.34) & (au < 0.42)), lo["colour2"])
+    def paint(mask: np.ndarray, colour: np.ndarray) -> None:
+        img[mask] = colour
+
+    if ident["bag"] == "backpack" and view != "front":
+        off = 0.35 if view == "side" else 0.0
+        paint((np.abs(u + off) < 0.42) & (v > 0.17) & (v < 0.45), ident["bag_colour"])
+    # Legs / lower clothing.
+    spread = rng.uniform(0.0, 0.12) if view == "side" else 0.0
+    legs = (v > 0.52) & (v < 0.95) & (au < 0.44) & (au > 0.04 - spread)
+    if lo["type"] == "trousers":
+        paint(legs, lo["colour"])
+        if lo["striped"]:
+            paint(legs & ((au > 0.34) & (au < 0.42)), lo["colour2"])
+    else:
+        paint(legs, ident["skin"])
+        top = 0.70 if lo["type"] == "shorts" else 0.78
+        if lo["type"] == "skirt":
+            paint((v > 0.5) & (v < top) & (au < 0.45 + 0.5 * (v - 0.5)), lo["colour"])
         else:
-            paint(legs, ident["skin"])
-            top = 0.70 if lo["type"] == "shorts" else 0.78
-            if lo["type"] == "skirt":
-                paint((v > 0.5) & (v < top) & (au < 0.45 + 0.5 * (v - 0.5)), lo["colour"])
-            else:
-                paint(legs & (v < top), lo["colour"])
-        paint((v >= 0.94) & (v < 0.995) & (au < 0.46) & (au > 0.02), ident["shoes"])
-        # Torso with its pattern (the logo is on the chest: visible from the front only).
-        torso = (v > 0.15) & (v <= 0.53) & (au < 0.5 - 0.08 * (v - 0.15))
-        paint(torso, up["colour"])
-        k = up["freq"]
-        pat = up["pattern"]
-        if pat == "hstripe":
-            paint(torso & (((v - 0.15) / 0.38 * k) % 1 < 0.5), up["colour2"])
-        elif pat == "vstripe":
-            paint(torso & (((u + 0.5) * k) % 1 < 0.5), up["colour2"])
-        elif pat == "check":
-            paint(torso & ((((v - 0.15) / 0.38 * k) % 1 < 0.5) ^ (((u + 0.5) * k) % 1 < 0.5)), up["colour2"])
-        elif pat == "logo" and view == "front":
-            paint(torso & (au < 0.2) & (v > 0.22) & (v < 0.34), up["colour2"])
-        # Arms: sleeves in the upper colour, forearms in skin for short sleeves.
-        arm_side = (au > 0.5) & (au < 0.66) if view != "side" else (np.abs(u - 0.1) < 0.14)
-        arms = arm_side & (v > 0.16) & (v < 0.52)
-        paint(arms, ident["skin"])
-        paint(arms & (v < (0.5 if up["long_sleeves"] else 0.28)), up["colour"])
-        if ident["bag"] == "shoulder":
-            side = 1 if view != "side" else 0
-            paint((np.abs(u - 0.55 * side) < 0.16) & (v > 0.42) & (v < 0.58), ident["bag_colour"])
-            paint((np.abs(u - (v - 0.16) * 1.6 + 0.5) < 0.06) & (v > 0.16) & (v < 0.42), ident["bag_colour"])
-        # Head and hair (back view: hair covers the head).
-        head = (u / 0.21) ** 2 + ((v - 0.08) / 0.075) ** 2 < 1
-        paint(head, ident["skin"])
-        hair = head & ((v < 0.05) if view == "front" else (v < 0.13 if view == "back" else (v < 0.06) | (u < -0.05)))
-        paint(hair, ident["hair"])
-        if ident["long_hair"] and view != "front":
-            paint((au < 0.22) & (v > 0.1) & (v < 0.24), ident["hair"])
+            paint(legs & (v < top), lo["colour"])
+    paint((v >= 0.94) & (v < 0.995) & (au < 0.46) & (au > 0.02), ident["shoes"])
+    # Torso with its pattern (the logo is on the chest: visible from the front only).
+    torso = (v > 0.15) & (v <= 0.53) & (au < 0.5 - 0.08 * (v - 0.15))
+    paint(torso, up["colour"])
+    k = up["freq"]
+    pat = up["pattern"]
+    if pat == "hstripe":
+        paint(torso & (((v - 0.15) / 0.38 * k) % 1 < 0.5), up["colour2"])
+    elif pat == "vstripe":
+        paint(torso & (((u + 0.5) * k) % 1 < 0.5), up["colour2"])
+    elif pat == "check":
+        paint(torso & ((((v - 0.15) / 0.38 * k) % 1 < 0.5) ^ (((u + 0.5) * k) % 1 < 0.5)), up["colour2"])
+    elif pat == "logo" and view == "front":
+        paint(torso & (au < 0.2) & (v > 0.22) & (v < 0.34), up["colour2"])
+    # Arms: sleeves in the upper colour, forearms in skin for short sleeves.
+    arm_side = (au > 0.5) & (au < 0.66) if view != "side" else (np.abs(u - 0.1) < 0.14)
+    arms = arm_side & (v > 0.16) & (v < 0.52)
+    paint(arms, ident["skin"])
+    paint(arms & (v < (0.5 if up["long_sleeves"] else 0.28)), up["colour"])
+    if ident["bag"] == "shoulder":
+        side = 1 if view != "side" else 0
+        paint((np.abs(u - 0.55 * side) < 0.16) & (v > 0.42) & (v < 0.58), ident["bag_colour"])
+        paint((np.abs(u - (v - 0.16) * 1.6 + 0.5) < 0.06) & (v > 0.16) & (v < 0.42), ident["bag_colour"])
+    # Head and hair (back view: hair covers the head).
+    head = (u / 0.21) ** 2 + ((v - 0.08) / 0.075) ** 2 < 1
+    paint(head, ident["skin"])
+    hair = head & ((v < 0.05) if view == "front" else (v < 0.13 if view == "back" else (v < 0.06) | (u < -0.05)))
+    paint(hair, ident["hair"])
+    if ident["long_hair"] and view != "front":
+        paint((au < 0.22) & (v > 0.1) & (v < 0.24), ident["hair"])
 
-    # Occluders: a car / bench from below, a pole, or a passer-by at the side.
+
+def _occlude(img: np.ndarray, rng: np.random.Generator) -> None:
+    """In a quarter of the images, an occluder in place: a car / bench from below, a pole, or a
+    passer-by at the side."""
+    h, w = img.shape[:2]
+    ys, xs = _grid(h, w)
     if rng.random() < 0.25:
         kind = rng.integers(3)
         col = _colour(rng)
@@ -204,7 +229,10 @@ def _render(rng: np.random.Generator, ident: dict[str, Any] | None, cam: dict[st
             occ = np.abs(xs - x0) < w * rng.uniform(0.2, 0.4)
         img[np.broadcast_to(occ, (h, w))] = col + rng.normal(0, 8, 3)
 
-    # Camera: colour cast, gamma, noise, blur, JPEG quality.
+
+def _camera_image(img: np.ndarray, rng: np.random.Generator, cam: dict[str, Any]) -> bytes:
+    """What the camera makes of the scene: colour cast, gamma, noise, blur, JPEG quality."""
+    w = img.shape[1]
     light = rng.uniform(0.85, 1.15)
     img = img * (cam["gain"] * light) + cam["bias"]
     img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** cam["gamma"]
