@@ -1,4 +1,5 @@
-"""Cluster memory, distillation and the fused loss (docs/method.md, Memories and losses; Distillation)."""
+"""Cluster memory, distillation and the fused loss the loop sums (purireid.training.terms.weighted_view_sum;
+docs/method.md, Memories and losses; Distillation)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from purireid.training.losses import (
     camera_proxy_labels,
     _occurrence_rank,
     distillation_loss,
-    purification_loss,
     view_weights,
 )
+from purireid.training.terms import weighted_view_sum
 
 
 def _unit(*shape, seed=0):
@@ -157,6 +158,13 @@ def test_distillation_loss():
     assert loss.item() == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-5)
 
 
+def purification_loss(ce, distill=None, *, lambda2=0.2, mu=1.0):
+    """The loss the loop sums (`weighted_view_sum`): the memory cross-entropy (weight 1), plus the
+    distillation (weight mu) for the student, weighted per view."""
+    parts = [(1.0, ce)] + ([] if distill is None else [(mu, distill)])
+    return weighted_view_sum(parts, view_weights(lambda2))
+
+
 def test_purification_loss_weights():
     assert view_weights(0.2) == pytest.approx({"global": 0.8, "upper": 0.2, "lower": 0.2})
     ones = {v: torch.tensor(1.0) for v in VIEWS}
@@ -169,8 +177,8 @@ def test_purification_loss_weights():
     assert purification_loss(ce, d, lambda2=0.3).item() == pytest.approx(0.7 * 9 + 0.3 * 14 + 0.3 * 18)
     # mu = 0 is the teacher loss
     assert purification_loss(ce, d, mu=0.0).item() == purification_loss(ce).item()
-    with pytest.raises(ValueError):
-        purification_loss({"global": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="no loss term is active"):
+        weighted_view_sum([], view_weights(0.2))
 
 
 def test_end_to_end_gradients_flow_to_features_only():

@@ -1,18 +1,14 @@
-"""Cluster-contrast memory, distillation and the fused purification loss (docs/method.md)."""
+"""Cluster-contrast memory, distillation and the views' weights of the purification loss
+(docs/method.md); the loss terms sum them with purireid.training.terms.weighted_view_sum."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from purireid import VIEWS
-
-__all__ = ["CameraProxyMemory", "ClusterMemory", "camera_proxy_labels", "distillation_loss", "purification_loss",
-           "view_weights"]
+__all__ = ["CameraProxyMemory", "ClusterMemory", "camera_proxy_labels", "distillation_loss", "view_weights"]
 
 
 class ClusterMemory(nn.Module):
@@ -182,25 +178,3 @@ def distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
 def view_weights(lambda2: float = 0.2) -> dict[str, float]:
     """``(1 - lambda2, lambda2, lambda2)``: sums to 1 + lambda2, as in the released code."""
     return {"global": 1.0 - lambda2, "upper": lambda2, "lower": lambda2}
-
-
-def purification_loss(
-    ce: Mapping[str, Tensor],
-    distill: Mapping[str, Tensor] | None = None,
-    *,
-    lambda2: float = 0.2,
-    mu: float = 1.0,
-) -> Tensor:
-    """``(1-l2)(CE_g + mu D_g) + l2 (CE_u + mu D_u) + l2 (CE_l + mu D_l)`` (docs/method.md, Distillation).
-
-    ``distill=None`` gives the teacher loss (``mu`` is then unused).
-    """
-    for name, terms in (("ce", ce), ("distill", distill)):
-        if terms is not None and set(terms) != set(VIEWS):
-            raise ValueError(f"{name} must have exactly the views {VIEWS}, got {sorted(terms)}")
-    weights = view_weights(lambda2)
-    total = None
-    for v in VIEWS:
-        term = ce[v] if distill is None else ce[v] + mu * distill[v]
-        total = weights[v] * term if total is None else total + weights[v] * term
-    return total
