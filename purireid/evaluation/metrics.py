@@ -81,7 +81,10 @@ def _counts_sparse(
     dist: Tensor, cand: Tensor, pos_keys: Tensor, starts: Tensor, pmax: int,
     qpids: Tensor, gpids: Tensor, junk: Tensor, cb: int,
 ) -> Tensor:
-    """counts[i, b] = number of valid negatives of row i with b true matches before them."""
+    """counts[i, b] = number of valid negatives of row i with b true matches before them.
+
+    Over 8 parameters on purpose: a pure kernel of the chunk's arrays, called once from
+    `_match_ranks` with the same names as `_counts_dense`; grouping them would only rename them."""
     q = dist.shape[0]
     crow, ccol = cand.nonzero(as_tuple=True)
     keep = (gpids[ccol] != qpids[crow]) & ~junk[ccol]  # valid negatives only
@@ -312,6 +315,10 @@ def evaluate_features(
     Memory is bounded by ``chunk_size x G`` (never the full Q x G matrix), except with
     ``rerank=True``, which needs the whole re-ranked matrix from
     ``purireid.labels.jaccard.rerank_distance``. Same keys as :func:`evaluate_rank`.
+
+    Over 8 parameters on purpose: the six arrays are the two sides of the re-ID protocol in the
+    order every re-ID evaluation takes them (query / gallery features, identities, cameras), as
+    :func:`evaluate_rank` does, and the rest are keyword-only options.
     """
     qf, gf = _as_features(query_features), _as_features(gallery_features)
     if qf.ndim != 2 or gf.ndim != 2 or qf.shape[1] != gf.shape[1]:
