@@ -16,6 +16,8 @@ every epoch. The student starts with an epoch -1 on pseudo labels of the teacher
 every epoch. `train(label_source=TrueLabels(...))` trains from given labels instead (a
 supervised reference).
 
+`train` wires the run's named parts (purireid.training.run_parts) around the epochs: the model
+under training, resume and keep-best (`RunState`), the periodic evaluation and the run log.
 Resume: after every epoch the whole state is saved atomically in `state_dir`; a restarted
 run continues after the last completed epoch. Every epoch reseeds from (seed, epoch), so a
 resumed run ends with the same weights as an uninterrupted one. SIGTERM / SIGINT stop the
@@ -373,8 +375,9 @@ def train(config: Mapping[str, Any], files: TrainFiles, *, ctx: DistContext, tea
     role = "student" if teacher is not None else label_source.role
     plans = epoch_plans(config, label_source, teacher, train_records)
     step_size, step_key = lr_step_size(config, student=teacher is not None)
-    for advice in settings_advice(config, step_size, step_key, len(plans)) if ctx.is_main else ():
-        log.warning("%s", advice)
+    if ctx.is_main:
+        for advice in settings_advice(config, step_size, step_key, len(plans)):
+            log.warning("%s", advice)
     pretrained = starting_weights(config, files.source_weights)
     fingerprint = resume_fingerprint(config, role, plans, train_records, teacher, files.source_weights)
 
