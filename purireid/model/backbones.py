@@ -74,7 +74,23 @@ class Backbone:
 
 _BASIC_BLOCK_STRIDE = ("layer4.0.conv1", "layer4.0.downsample.0")  # BasicBlock: the stride is on conv1
 
+def resnet50_ibn_a() -> Any:
+    """ResNet-50-IBN-a (purireid.model.ibn) with random weights."""
+    from purireid.model.ibn import resnet50_ibn_a as build  # when a model is built, not when the registry is read
+
+    return build()
+
+
+def ibn_a_conv_bn_pairs(model: Any) -> list[tuple[Any, str, str]]:
+    """`resnet_conv_bn_pairs` less the IBN normalisations (bn1 of layer1..layer3's blocks):
+    their InstanceNorm half normalises each image by its own statistics and folds into no
+    convolution; the trunk's other BatchNorms fold as ResNet-50's."""
+    ibn_blocks = {id(block) for layer in (model.layer1, model.layer2, model.layer3) for block in layer}
+    return [pair for pair in resnet_conv_bn_pairs(model) if not (pair[2] == "bn1" and id(pair[0]) in ibn_blocks)]
+
+
 _TORCHVISION = "https://download.pytorch.org/models/"
+_IBN_NET = "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/"  # the authors' release
 
 BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(torchvision_builder("resnet18"), (_TORCHVISION + "resnet18-f37072fd.pth",), 512,
@@ -83,6 +99,8 @@ BACKBONES: dict[str, Backbone] = {
                          stride_one=_BASIC_BLOCK_STRIDE),
     "resnet50": Backbone(torchvision_builder("resnet50"), (_TORCHVISION + "resnet50-0676ba61.pth",
                                                            _TORCHVISION + "resnet50-11ad3fa6.pth"), 2048),
+    "resnet50_ibn_a": Backbone(resnet50_ibn_a, (_IBN_NET + "resnet50_ibn_a-d9d0bb7b.pth",), 2048,
+                               conv_bn_pairs=ibn_a_conv_bn_pairs),
 }
 
 ARCHS: tuple[str, ...] = tuple(BACKBONES)
