@@ -154,7 +154,7 @@ def _unwrap_state_dict(obj: object, source: str) -> dict[str, Tensor]:
 
 
 def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str) -> None:
-    """Load a torchvision ResNet state_dict (fc ignored) or a full MultiViewResNet one."""
+    """Load the backbone's state_dict in its published layout (fc ignored) or a full MultiViewResNet one."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
     # Files saved before BatchNorm counted its batches have no num_batches_tracked (unused here).
@@ -192,7 +192,7 @@ def build_model(
     ``pretrained``: ``"imagenet"`` (the published ImageNet file in the torch hub cache, see
     :func:`imagenet_weights_path`; a clear ``FileNotFoundError`` when absent, never a
     download nor a silent random init), ``"none"`` (random init), or a path to a
-    state_dict (torchvision ResNet layout, or a full MultiViewResNet one). ``input_norm``: see
+    state_dict (the backbone's published layout, or a full MultiViewResNet one). ``input_norm``: see
     :class:`MultiViewResNet` (not part of the weights: a checkpoint records it in its config).
     """
     model = MultiViewResNet(arch, bn_groups=1, input_norm=input_norm)
