@@ -539,7 +539,7 @@ def test_doctor_fails_naming_the_missing_imagenet_weights(tmp_path, monkeypatch,
     assert code == 1
     weights = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     assert f"[FAIL] ImageNet weights: resnet50 (model.pretrained: imagenet): {weights} not found" in stdout
-    assert f"place torchvision's file resnet50-0676ba61.pth at {weights}" in stdout
+    assert f"place the file resnet50-0676ba61.pth at {weights}" in stdout
     assert "[ ok ] dataset: market1501" in stdout and "1 problem(s)" in stdout
 
 

@@ -316,8 +316,10 @@ def test_rules_read_the_inputs_the_stage_table_declares():
     plain, from_source = resolve_config({}), resolve_config({"model": {"pretrained": "source"}})
     for name, stage in STAGE_TABLE.items():
         block = blocks[name]
-        assert f'params_of("{name}")' in block or name == "export_student", name
-        assert f'mem_mb("{name}")' in block and f'runtime("{name}")' in block, name
+        # A training rule takes them through the training rules' shared helpers (common.smk).
+        assert f'params_of("{name}")' in block or f'training_params("{name}"' in block or name == "export_student", name
+        assert (f'mem_mb("{name}")' in block and f'runtime("{name}")' in block) \
+            or f'training_resources("{name}")' in block, name
         if name in ("evaluate", "export_student"):
             continue
         named = set(re.findall(r'upstream\("(\w+)"', block))

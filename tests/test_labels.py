@@ -76,7 +76,41 @@ def test_the_schema_offers_exactly_the_registered_pseudo_label_methods():
     from purireid.config.resolve import load_schema
     from purireid.labels.sources import LABEL_SOURCES, PSEUDO_LABEL_METHODS, label_source
 
-    assert load_schema()["properties"]["cluster"]["properties"]["method"]["enum"] == list(PSEUDO_LABEL_METHODS)
+    from purireid.labels.methods import METHOD_NAMES
+
+    # The schema's choices are the light list's names, and every one of them has a LabelSource.
+    assert load_schema()["properties"]["cluster"]["properties"]["method"]["enum"] == list(METHOD_NAMES) \
+        == list(PSEUDO_LABEL_METHODS)
     assert set(PSEUDO_LABEL_METHODS) < set(LABEL_SOURCES)
     with pytest.raises(ValueError, match="unknown label source 'kmeans'.*multiview_dbscan"):
         label_source("kmeans", {}, [])
+
+
+def test_config_checks_belong_to_the_chosen_method(monkeypatch):
+    """DBSCAN's eps check is multiview_dbscan's: resolve_config runs the checks of the configured
+    cluster.method (through the light registry), and another method is not held to it."""
+    import purireid.labels.methods as methods
+    from purireid.config.resolve import ConfigError, resolve_config
+
+    too_wide = resolve_config({"cluster": {"eps": 0.6}})
+    too_wide["cluster"]["eps"] = 0.9999999999
+    assert "cluster.eps" in methods.config_problems(too_wide)[0]
+    monkeypatch.setitem(methods.CONFIG_CHECKS, "other_method", lambda config: [])
+    assert methods.config_problems({**too_wide, "cluster": {**too_wide["cluster"], "method": "other_method"}}) == []
+    monkeypatch.setitem(methods.CONFIG_CHECKS, "multiview_dbscan",
+                        lambda config: ["config key 'cluster.k1' (30) is the method's own complaint"])
+    with pytest.raises(ConfigError, match="the method's own complaint"):
+        resolve_config({})
+
+
+def test_the_registries_the_schema_reads_are_torch_free():
+    """The config check runs when Snakemake parses the workflow: the backbone and pseudo-label method
+    names (the schema's choices) and the methods' checks load without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from purireid.config.resolve import load_schema, resolve_config; resolve_config({}); "
+            "s = load_schema()['properties']; print(s['model']['properties']['arch']['enum'], "
+            "s['cluster']['properties']['method']['enum'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False" and "resnet50_ibn_a" in out and "multiview_dbscan" in out

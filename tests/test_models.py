@@ -316,3 +316,20 @@ def test_backbone_registry_is_the_one_list_of_backbones():
             assert model.get_submodule(path).stride == (1, 1)
         assert [p.name for p in imagenet_weights_path(arch)][0].startswith(arch)
         assert len(spec.conv_bn_pairs(model)) > 0
+
+
+def test_torchvision_backbones_name_torchvision_weights():
+    """The registry's weight URLs of torchvision's backbones are torchvision's own, V1 first (what
+    `pretrained=True` gave the authors' code), and the builder is torchvision's network."""
+    from purireid.model.backbones import BACKBONES
+
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        enum = tvm.get_model_weights(arch)
+        published = [enum.IMAGENET1K_V1.url] + ([enum.IMAGENET1K_V2.url] if arch == "resnet50" else [])
+        assert list(BACKBONES[arch].weights) == published
+        torch.manual_seed(0)
+        built = BACKBONES[arch].build()
+        torch.manual_seed(0)
+        reference = getattr(tvm, arch)(weights=None)
+        assert type(built) is type(reference)
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), reference.state_dict().values()))

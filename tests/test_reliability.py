@@ -25,7 +25,7 @@ from purireid import VIEWS
 from purireid.data import DatasetError, TrainLoader, build_image_cache, build_test_loader, generate_synthetic, load_dataset
 from purireid.data.prepare import validate_images
 from purireid.io.files import (
-    DiskFullError, atomic_path, torch_save_atomic, write_json_atomic, write_text_atomic, write_yaml_atomic,
+    DiskFullError, atomic_dir, atomic_path, torch_save_atomic, write_json_atomic, write_text_atomic, write_yaml_atomic,
 )
 from purireid.model.network import build_model
 from purireid.io.checkpoints import save_model_checkpoint, save_state
@@ -282,6 +282,51 @@ def test_checkpoints_and_feature_files_are_byte_reproducible(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     stored = torch.load(tmp_path / "a" / "model.pth", weights_only=False)
     assert stored["config"] == {"model": {"arch": "resnet18"}, "train": {"lr": 0.1}}  # no execution-only keys
+
+
+# --------------------------------------------------------------------------- atomic_dir: whole folders
+
+
+def test_atomic_dir_renames_the_built_folder_into_place(tmp_path):
+    target = tmp_path / "out" / "set"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".set.") and not target.exists()
+        (tmp / "a").mkdir()
+        (tmp / "a" / "x.txt").write_text("x")
+    assert (target / "a" / "x.txt").read_text() == "x"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["set"]  # no hidden leftovers
+
+
+def test_atomic_dir_failure_leaves_the_old_folder_or_nothing(tmp_path):
+    target = tmp_path / "set"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("killed half way")
+    assert list(tmp_path.iterdir()) == []  # no folder, and no hidden one either
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]  # the previous build untouched
+
+
+def test_atomic_dir_replaces_an_existing_folder_or_file(tmp_path):
+    target = tmp_path / "set"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    other = tmp_path / "file"
+    other.write_text("a file where the folder goes")
+    with atomic_dir(other) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert other.is_dir() and (other / "new.txt").read_text() == "new"
 
 
 # --------------------------------------------------------------------------- D8: modes follow the umask

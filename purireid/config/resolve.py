@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 import yaml
 
 from purireid.config.dag import (  # noqa: F401 - the config API, re-exported
@@ -27,6 +26,7 @@ from purireid.config.recipes import recipe_names, recipe_overlay
 from purireid.config.schema import (  # noqa: F401 - the config API, re-exported
     MISSING, ConfigError, deep_merge, dotted_get, load_schema, schema_default, schema_defaults,
 )
+from purireid.labels.methods import config_problems
 
 # Keys that were renamed: old -> (new, why). The old name is refused, naming the new one.
 RENAMED_KEYS = {
@@ -84,17 +84,9 @@ def _check_cross_keys(resolved: Mapping[str, Any]) -> None:
             f"config key 'train.batch_size' ({train['batch_size']}) must be divisible by "
             f"max(model.bn_groups, train.gpus) = {max(bn_groups, gpus)}"
         )
-    cluster = resolved["cluster"]
-    # Pairs that are no neighbours in any view have fused distance (1 - 2 l1) + l1 + l1, summed
-    # in float32 as the clustering does; DBSCAN's eps must stay below it (else every image is
-    # every other's neighbour and the sparse distance matrix is meaningless).
-    lambda1 = cluster["lambda1"]
-    unrelated = np.float32(1 - 2 * lambda1) + np.float32(lambda1) + np.float32(lambda1)
-    if cluster["eps"] >= unrelated:
-        raise ConfigError(
-            f"config key 'cluster.eps' ({cluster['eps']}) must be below {float(unrelated):g}, the fused "
-            "Jaccard distance of two unrelated images (the paper uses 0.6 for Market-1501, 0.7 for MSMT17)"
-        )
+    problems = config_problems(resolved)  # the checks of cluster.method's own (purireid.labels.methods)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _check_source(resolved: Mapping[str, Any]) -> None:

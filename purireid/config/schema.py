@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from purireid.labels.methods import METHOD_NAMES
+from purireid.model.backbones import ARCHS
+
 SCHEMA_RESOURCE = "config/schemas/config.schema.yaml"
 
 # A dotted key's value when no mapping along the way holds it.
@@ -30,10 +33,10 @@ class ConfigError(ValueError):
 def _parsed_schema() -> dict:
     # Parsed once per process: a workflow resolves one config per variant.
     schema = yaml.safe_load(resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text())
-    # model.arch's choices are the backbone registry's names (one place to add a backbone).
-    from purireid.model.backbones import ARCHS
-
-    schema["properties"]["model"]["properties"]["arch"]["enum"] = list(ARCHS)
+    # The registries' names are the choices (one place to add a backbone or a pseudo-label method).
+    properties = schema["properties"]
+    properties["model"]["properties"]["arch"]["enum"] = list(ARCHS)
+    properties["cluster"]["properties"]["method"]["enum"] = list(METHOD_NAMES)
     return schema
 
 

@@ -3,8 +3,6 @@ safe archive extraction, decoding every image in parallel, the published-count c
 
 from __future__ import annotations
 
-import os
-import shutil
 import tarfile
 import tempfile
 import zipfile
@@ -14,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from purireid.data.datasets import DATASET_INFO, SPLITS, DatasetError, Record
+from purireid.io.files import replace_dir
 
 MAX_LISTED = 10
 
@@ -40,36 +39,35 @@ def extract_archive(archive: str | Path, dest: str | Path) -> list[str]:
     if not archive.is_file():
         raise DatasetError(f"archive {archive} not found; fix: check config key 'prepare.archive'")
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract.", dir=dest))
-    try:
-        name = archive.name.lower()
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _check_member(info.filename, archive)
-                zf.extractall(tmp)
-        elif name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-            with tarfile.open(archive) as tf:
-                members = tf.getmembers()
-                for m in members:
-                    _check_member(m.name, archive)
-                    if not (m.isfile() or m.isdir()):
-                        raise DatasetError(
-                            f"{archive}: member '{m.name}' is a link or special file; refusing to "
-                            f"extract.\n  fix: use the original, unmodified archive")
-                tf.extractall(tmp, members=members)
-        else:
-            raise DatasetError(
-                f"{archive}: unknown archive type; expected .zip, .tar, .tar.gz or .tgz")
-        tops = sorted(p.name for p in tmp.iterdir() if p.name != "__MACOSX")
-        for top in tops:
-            target = dest / top
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            os.replace(tmp / top, target)
-        return tops
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".extract.", dir=dest) as staging:
+        _extract_into(archive, Path(staging))
+        tops = sorted(p.name for p in Path(staging).iterdir() if p.name != "__MACOSX")
+        for top in tops:  # each finished folder renamed into place (atomic_dir's last step)
+            replace_dir(Path(staging) / top, dest / top)
+    return tops
+
+
+def _extract_into(archive: Path, folder: Path) -> None:
+    """Every member checked first, then the archive extracted into `folder`."""
+    name = archive.name.lower()
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _check_member(info.filename, archive)
+            zf.extractall(folder)
+    elif name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                _check_member(m.name, archive)
+                if not (m.isfile() or m.isdir()):
+                    raise DatasetError(
+                        f"{archive}: member '{m.name}' is a link or special file; refusing to "
+                        f"extract.\n  fix: use the original, unmodified archive")
+            tf.extractall(folder, members=members)
+    else:
+        raise DatasetError(
+            f"{archive}: unknown archive type; expected .zip, .tar, .tar.gz or .tgz")
 
 
 # --------------------------------------------------------------------------- validation

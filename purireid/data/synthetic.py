@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from purireid.config.resolve import schema_defaults
-from purireid.io.files import current_umask
+from purireid.io.files import atomic_dir
 
 GENERATOR_VERSION = 1
 
@@ -356,20 +353,17 @@ def generate_synthetic(out_dir: str | Path, *, workers: int = 1, **params: Any) 
     cameras = [_camera(rng, params["camera_strength"]) for _ in range(params["num_cameras"])]
     people = _identities(rng, num_train_ids + num_test_ids, params["near_duplicate_rate"])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the renamed folder
     # Frames: every identity's images in order, then the distractors (pid 0: one-off people in
     # the gallery), then the junk crops (pid -1: bad crops).
     num_distractors, num_junk = max(4, num_test_ids), max(2, num_test_ids // 5)
     first_extra = len(people) * params["images_per_id"] + 1
     chunk = max(1, min(32, len(people) // (4 * max(1, workers)) or 1))
-    tasks: list[tuple] = [("identities", (tmp, i, people[i:i + chunk], cameras, params))
-                          for i in range(0, len(people), chunk)]
-    tasks += [("extras", (tmp, "distractors", range(num_distractors), first_extra, cameras, params)),
-              ("extras", (tmp, "junk", range(num_junk), first_extra + num_distractors, cameras, params))]
     counts = {"train": 0, "query": 0, "gallery": 0, "distractors": 0, "junk": 0}
-    try:
+    with atomic_dir(out_dir) as tmp:
+        tasks: list[tuple] = [("identities", (tmp, i, people[i:i + chunk], cameras, params))
+                              for i in range(0, len(people), chunk)]
+        tasks += [("extras", (tmp, "distractors", range(num_distractors), first_extra, cameras, params)),
+                  ("extras", (tmp, "junk", range(num_junk), first_extra + num_distractors, cameras, params))]
         for sub in ("bounding_box_train", "query", "bounding_box_test"):
             (tmp / sub).mkdir()
         if workers > 1:
@@ -387,12 +381,6 @@ def generate_synthetic(out_dir: str | Path, *, workers: int = 1, **params: Any) 
                 counts[key] += value
         summary = {"params": params, "counts": counts}
         (tmp / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return summary
 
 

@@ -6,7 +6,8 @@ full disk surfaces as `DiskFullError` naming the target and the folder to clear,
 temporary file removed, whatever library wrote it (torch, h5py, matplotlib, PIL, plain
 files): `is_disk_full` recognises their ways of saying so. A job killed while writing leaves
 the hidden temporary behind; `remove_stale_temporaries` clears those of its outputs at its
-next start.
+next start. A folder is built the same way: `atomic_dir` yields a hidden folder beside the
+target and renames it into place when the build succeeds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -103,6 +105,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def replace_dir(built: str | Path, path: str | Path) -> None:
+    """Rename the finished folder `built` onto `path`, replacing what is there (a folder or a
+    file). An existing folder is first renamed aside under a hidden name and removed only
+    after the new one is in place, so `path` never holds a half-deleted folder."""
+    built, path = Path(built), Path(path)
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / path.name)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    os.replace(built, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `path` to build a folder in; rename it onto `path`
+    (replacing an existing one, see `replace_dir`) only if the block succeeds, else remove it.
+
+    A failed or killed build never leaves a folder under the final name. The folder gets the
+    mode a plain mkdir would give it (0777 minus the umask), not mkdtemp's 0700.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        yield tmp
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -218,9 +218,10 @@ class TrueLabels(LabelSource):
 
 
 # Label sources by name. cluster.method picks one of the pseudo-label methods for the teacher and
-# the student (and for the student's warm-up on the teacher's features; the schema's enum of
-# cluster.method lists these names); the supervised stages use "true_identities". A new method is
-# a module with a LabelSource subclass (with `from_config`), one line here and its name in that enum.
+# the student (and for the student's warm-up on the teacher's features); their names, the schema's
+# choices, and their config checks are purireid.labels.methods (light: read when the workflow is
+# parsed), which these keys match. The supervised stages use "true_identities". A new method is a
+# module with a LabelSource subclass (with `from_config`), one line here and its entry there.
 PSEUDO_LABEL_METHODS: dict[str, Any] = {
     "multiview_dbscan": PseudoLabels,
 }

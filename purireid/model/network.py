@@ -1,15 +1,14 @@
 """Multi-view ResNet of docs/method.md (Model), with optional ghost BatchNorm (``bn_groups``).
 
 Backbones come from the registry purireid.model.backbones (one entry per ``model.arch``:
-constructor, ImageNet weights, feature dimension, layer names). The trunk's modules keep
-torchvision's names (``conv1``, ``bn1``, ``layer1`` ...) directly on the model, so a
-torchvision state_dict loads into it key for key (its ``fc.*`` entries are dropped: the model
-has no classifier).
+builder, ImageNet weights, feature dimension, layer names). The trunk's modules keep the
+builder's names (``conv1``, ``bn1``, ``layer1`` ...) directly on the model, so the published
+state_dict loads into it key for key (its ``fc.*`` entries are dropped: the model has no
+classifier).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import models as tvm
 
 from purireid import VIEWS
 from purireid.model.backbones import BACKBONES, Backbone
@@ -103,7 +101,7 @@ class MultiViewResNet(nn.Module):
         spec = backbone(arch)
         self.arch, self.input_norm = arch, input_norm
         self.trunk_names = spec.trunk
-        trunk = getattr(tvm, spec.constructor)(weights=None)
+        trunk = spec.build()
         for path in spec.stride_one:  # last stride 1 (docs/method.md, Model): layer4's strided conv + its shortcut
             trunk.get_submodule(path).stride = (1, 1)
         for name in spec.trunk:
@@ -136,16 +134,11 @@ class MultiViewResNet(nn.Module):
 def imagenet_weights_path(arch: str) -> list[Path]:
     """Where :func:`build_model` looks for ImageNet weights, in order of preference.
 
-    ``torch.hub.get_dir()/checkpoints/<torchvision's file name>``; nothing is downloaded.
+    ``torch.hub.get_dir()/checkpoints/<the published file's name>`` (the registry's URLs);
+    nothing is downloaded.
     """
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    return [ckpt_dir / os.path.basename(_weights_enum(name).url) for name in backbone(arch).weights]
-
-
-def _weights_enum(name: str) -> object:
-    """torchvision's weights object of "<Enum>.<member>" (e.g. ResNet50_Weights.IMAGENET1K_V1)."""
-    enum, member = name.split(".")
-    return getattr(getattr(tvm, enum), member)
+    return [ckpt_dir / url.rsplit("/", 1)[-1] for url in backbone(arch).weights]
 
 
 def _unwrap_state_dict(obj: object, source: str) -> dict[str, Tensor]:
@@ -161,10 +154,12 @@ def _unwrap_state_dict(obj: object, source: str) -> dict[str, Tensor]:
 
 
 def _load_backbone(model: MultiViewResNet, state: dict[str, Tensor], source: str) -> None:
-    """Load a torchvision ResNet state_dict (fc ignored) or a full MultiViewResNet one."""
+    """Load the backbone's state_dict in its published layout (fc ignored) or a full MultiViewResNet one."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
-    own_backbone = {k for k in own if k.split(".")[0] in model.trunk_names}
+    # Files saved before BatchNorm counted its batches have no num_batches_tracked (unused here).
+    own_backbone = {k for k in own if k.split(".")[0] in model.trunk_names
+                    and not (k.endswith(".num_batches_tracked") and k not in state)}
     head = set(own) - own_backbone
     keys = set(state)
     # Either exactly the backbone, or the backbone plus the views' heads.
@@ -194,10 +189,10 @@ def build_model(
 ) -> MultiViewResNet:
     """Build the multi-view ResNet of docs/method.md (Model).
 
-    ``pretrained``: ``"imagenet"`` (torchvision's file in the torch hub cache, see
+    ``pretrained``: ``"imagenet"`` (the published ImageNet file in the torch hub cache, see
     :func:`imagenet_weights_path`; a clear ``FileNotFoundError`` when absent, never a
     download nor a silent random init), ``"none"`` (random init), or a path to a
-    state_dict (torchvision ResNet layout, or a full MultiViewResNet one). ``input_norm``: see
+    state_dict (the backbone's published layout, or a full MultiViewResNet one). ``input_norm``: see
     :class:`MultiViewResNet` (not part of the weights: a checkpoint records it in its config).
     """
     model = MultiViewResNet(arch, bn_groups=1, input_norm=input_norm)
@@ -210,9 +205,9 @@ def build_model(
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
             raise FileNotFoundError(
-                f"ImageNet weights for {arch} not found: place torchvision's file "
-                f"{candidates[0].name} at {candidates[0]} (the torch hub cache; set "
-                f"TORCH_HOME to move it), or give model.pretrained the path of a "
+                f"ImageNet weights for {arch} not found: place the file {candidates[0].name} "
+                f"(published at {backbone(arch).weights[0]}) at {candidates[0]} (the torch hub "
+                f"cache; set TORCH_HOME to move it), or give model.pretrained the path of a "
                 f"state_dict file instead, or 'none' for a random init. "
                 f"Nothing is downloaded."
             )

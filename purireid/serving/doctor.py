@@ -237,12 +237,12 @@ def _weights_check(config: Mapping[str, Any]) -> Iterator[Check]:
         note = "" if found == candidates[0] else f" (not the paper's {candidates[0].name})"
         yield Check("config", "ImageNet weights", "ok" if not note else "warn", f"{arch}: {found}{note}")
         return
-    from torchvision import models as tvm
+    from purireid.model.backbones import BACKBONES
 
-    url = tvm.get_model_weights(arch).IMAGENET1K_V1.url
+    url = BACKBONES[arch].weights[0]
     yield Check("config", "ImageNet weights", "fail",
                 f"{arch} (model.pretrained: imagenet): {candidates[0]} not found (nothing is downloaded)",
-                f"place torchvision's file {candidates[0].name} at {candidates[0]} (from {url}; "
+                f"place the file {candidates[0].name} at {candidates[0]} (from {url}; "
                 "TORCH_HOME moves the folder), or set model.pretrained to a state_dict path or 'none'")
 
 

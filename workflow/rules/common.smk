@@ -244,6 +244,40 @@ TRAIN_THREADS = max(1, TRAIN_GPUS) * COMPUTE_THREADS
 PREPARE_THREADS = config["prepare"]["workers"]
 
 
+# ---------------------------------------------------------------- the training rules' shared shape
+
+# Every training rule (teacher.smk, student.smk, supervised.smk, source.smk) writes the same files
+# into <run>/<model>/, keeps its resume state in the undeclared <run>/<model>/state/, and has the
+# training resources; it differs only in its inputs and script. Its output, params and resources
+# are these (with `**`).
+
+
+def training_outputs(model):
+    """The weights, the jsonl log, the resolved config the job ran with, and the training curve
+    (in the report's Training category)."""
+    return {
+        "model": run_out(model, "model.pth"),
+        "log_jsonl": run_out(model, "log.jsonl"),
+        "config": run_out(model, "config.yaml"),
+        "curve": report(
+            run_out(model, "curve.png"),
+            caption="../report/curve.rst",
+            category=report_category(REPORT_TRAINING),
+            subcategory=report_subcategory(model),
+            labels={"model": model, "figure": "training curve"},
+        ),
+    }
+
+
+def training_params(rule, model, **extra):
+    """The keys of the run's config that the rule's stage reads, its resume-state folder, and `extra`."""
+    return {"config": params_of(rule), "state_dir": run_out(model, "state"), **extra}
+
+
+def training_resources(rule):
+    return {"mem_mb": mem_mb(rule), "runtime": runtime(rule), "gpu": TRAIN_GPUS}
+
+
 def config_value(dotted):
     """The configured value of a section.key (the swept key's value in the configured run)."""
     section, _, key = dotted.partition(".")

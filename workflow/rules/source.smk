@@ -32,28 +32,15 @@ rule pretrain_source:
         unpack(owned("pretrain_source")),
         manifest=upstream("prepare_source", "source", "data", "manifest.csv"),
     output:
-        model=run_out("source", "model.pth"),
-        config=run_out("source", "config.yaml"),  # the resolved config the job ran with
-        log_jsonl=run_out("source", "log.jsonl"),
-        curve=report(
-            run_out("source", "curve.png"),
-            caption="../report/curve.rst",
-            category=report_category(REPORT_TRAINING),
-            subcategory=report_subcategory("source"),
-            labels={"model": "source", "figure": "training curve"},
-        ),
+        **training_outputs("source"),
     params:
-        config=params_of("pretrain_source"),
-        state_dir=run_out("source", "state"),
-        role="source",
+        **training_params("pretrain_source", "source", role="source"),
     log:
         log_path("pretrain_source"),
     benchmark:
         benchmark_path("pretrain_source")
     threads: TRAIN_THREADS
     resources:
-        mem_mb=mem_mb("pretrain_source"),
-        runtime=runtime("pretrain_source"),
-        gpu=TRAIN_GPUS,
+        **training_resources("pretrain_source"),
     script:
         "../scripts/train_supervised.py"

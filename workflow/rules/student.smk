@@ -12,27 +12,15 @@ rule train_student:
         teacher_checkpoint=upstream("train_teacher", "teacher", "model.pth"),
         teacher_features=upstream("extract_teacher_features", "teacher", "train_features.h5"),
     output:
-        model=run_out("student", "model.pth"),
-        log_jsonl=run_out("student", "log.jsonl"),
-        config=run_out("student", "config.yaml"),  # the resolved config the job ran with
-        curve=report(
-            run_out("student", "curve.png"),
-            caption="../report/curve.rst",
-            category=report_category(REPORT_TRAINING),
-            subcategory=report_subcategory("student"),
-            labels={"model": "student", "figure": "training curve"},
-        ),
+        **training_outputs("student"),
     params:
-        config=params_of("train_student"),
-        state_dir=run_out("student", "state"),
+        **training_params("train_student", "student"),
     log:
         log_path("train_student"),
     benchmark:
         benchmark_path("train_student")
     threads: TRAIN_THREADS
     resources:
-        mem_mb=mem_mb("train_student"),
-        runtime=runtime("train_student"),
-        gpu=TRAIN_GPUS,
+        **training_resources("train_student"),
     script:
         "../scripts/train_student.py"

@@ -11,28 +11,15 @@ rule train_supervised:
         unpack(source_weights_input),
         manifest=upstream("prepare_dataset", "data", "manifest.csv"),
     output:
-        model=run_out("supervised", "model.pth"),
-        config=run_out("supervised", "config.yaml"),  # the resolved config the job ran with
-        log_jsonl=run_out("supervised", "log.jsonl"),
-        curve=report(
-            run_out("supervised", "curve.png"),
-            caption="../report/curve.rst",
-            category=report_category(REPORT_TRAINING),
-            subcategory=report_subcategory("supervised"),
-            labels={"model": "supervised", "figure": "training curve"},
-        ),
+        **training_outputs("supervised"),
     params:
-        config=params_of("train_supervised"),
-        state_dir=run_out("supervised", "state"),
-        role="supervised",
+        **training_params("train_supervised", "supervised", role="supervised"),
     log:
         log_path("train_supervised"),
     benchmark:
         benchmark_path("train_supervised")
     threads: TRAIN_THREADS
     resources:
-        mem_mb=mem_mb("train_supervised"),
-        runtime=runtime("train_supervised"),
-        gpu=TRAIN_GPUS,
+        **training_resources("train_supervised"),
     script:
         "../scripts/train_supervised.py"

@@ -13,27 +13,15 @@ rule train_teacher:
         unpack(source_weights_input),
         manifest=upstream("prepare_dataset", "data", "manifest.csv"),
     output:
-        model=run_out("teacher", "model.pth"),
-        log_jsonl=run_out("teacher", "log.jsonl"),
-        config=run_out("teacher", "config.yaml"),  # the resolved config the job ran with
-        curve=report(
-            run_out("teacher", "curve.png"),
-            caption="../report/curve.rst",
-            category=report_category(REPORT_TRAINING),
-            subcategory=report_subcategory("teacher"),
-            labels={"model": "teacher", "figure": "training curve"},
-        ),
+        **training_outputs("teacher"),
     params:
-        config=params_of("train_teacher"),
-        state_dir=run_out("teacher", "state"),
+        **training_params("train_teacher", "teacher"),
     log:
         log_path("train_teacher"),
     benchmark:
         benchmark_path("train_teacher")
     threads: TRAIN_THREADS
     resources:
-        mem_mb=mem_mb("train_teacher"),
-        runtime=runtime("train_teacher"),
-        gpu=TRAIN_GPUS,
+        **training_resources("train_teacher"),
     script:
         "../scripts/train_teacher.py"
