@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from purireid.config.datasets import DATASET_KINDS, labelled_source_names
+
 SCHEMA_RESOURCE = "config/schemas/config.schema.yaml"
 
 # A dotted key's value when no mapping along the way holds it.
@@ -34,6 +36,10 @@ def _parsed_schema() -> dict:
     from purireid.model.backbones import ARCHS
 
     schema["properties"]["model"]["properties"]["arch"]["enum"] = list(ARCHS)
+    # dataset's and source.dataset's choices are the dataset registry's names (one place to add a
+    # dataset); a source pretraining needs identities, so only the kinds whose train split has them.
+    schema["properties"]["dataset"]["enum"] = list(DATASET_KINDS)
+    schema["properties"]["source"]["properties"]["dataset"]["enum"] = labelled_source_names()
     return schema
 
 
