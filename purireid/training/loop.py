@@ -278,7 +278,7 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
     train_s = time.time() - tic
 
     # Diagnostics against the true identities: logged, never fed back into training.
-    diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids)
+    diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids, targets.features)
     if plan.index == 0 and ctx.is_main:
         notes = [*plan.labels.advice(diagnostics), replacement_advice(targets.labels, train["num_instances"])]
         for advice in filter(None, notes):
@@ -303,7 +303,7 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, model: to
     }
     log.info("epoch %d: %d clusters, %d outliers, purity %s, NMI %s, multi-camera clusters %s, loss %.4f, "
              "lr %.2e, %.1f s (%.0f img/s)", plan.epoch, targets.num_classes, record["outliers"],
-             *("n/a" if record[k] is None else f"{record[k]:.3f}" for k in ("purity", "nmi", "multi_camera_share")),
+             *("n/a" if record.get(k) is None else f"{record[k]:.3f}" for k in ("purity", "nmi", "multi_camera_share")),
              record["loss"], record["lr"], record["seconds"], record["images_per_s"])
     return record
 
@@ -409,7 +409,8 @@ def train(
 
     if ctx.is_main:  # a declared output of the rule: written on every (also resumed) start
         write_resolved_config(model_out, config)
-    if state is None:
+    labelled = bool(splits["query"]) and bool(splits["gallery"])  # else (crops without query/gallery) no evaluation
+    if state is None and labelled:
         tic = time.time()
         metrics = test_accuracy()
         records.append({"epoch": None, "phase": PHASE_UNTRAINED, **metrics, "seconds": round(time.time() - tic, 2)})
@@ -433,7 +434,7 @@ def train(
                 scheduler.step()
                 last = plan.index == len(plans) - 1
                 epoch, every = plan.epoch, train_cfg["eval_every"]
-                if every and epoch >= 0 and ((epoch + 1) % every == 0 or last):
+                if labelled and every and epoch >= 0 and ((epoch + 1) % every == 0 or last):
                     metrics = test_accuracy()
                     record.update(metrics)
                     log.info("epoch %d: mAP %.1f%%  Rank-1 %.1f%%", epoch, 100 * metrics["mAP"], 100 * metrics["rank1"])
