@@ -103,14 +103,15 @@ def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> A
     ax_labels.plot(*series("outliers"), marker="x", label="outliers (left out)")
     ax_labels.set_title("pseudo labels (train images)")
     ax_labels.legend(fontsize=8)
-    plotted = False
-    for key, name in LABEL_QUALITY:
-        ex, values = series(key)
-        if values:
-            ax_quality.plot(ex, values, marker="o", label=name)
-            plotted = True
-    if plotted:
-        ax_quality.legend(fontsize=8)
+    if any("purity" in r for r in trained) or not trained:  # the true identities are known
+        plotted = False
+        for key, name in LABEL_QUALITY:
+            ex, values = series(key)
+            if values:
+                ax_quality.plot(ex, values, marker="o", label=name)
+                plotted = True
+        if plotted:
+            ax_quality.legend(fontsize=8)
         ax_quality.set_ylim(min(0.0, ax_quality.get_ylim()[0]), 1.02)
         ax_quality.set_title("pseudo labels vs true identities (fraction)")
     else:  # no identities known (unlabelled crops): what the clusters show by themselves
