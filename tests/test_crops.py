@@ -244,6 +244,36 @@ def test_summary_without_a_labelled_split_invents_no_metric():
     assert "no labelled split" in table and "| teacher | — | — |" in table and "Market-1501 protocol" not in table
 
 
+# --------------------------------------------------------------------------- purireid extract / search
+
+
+def test_extract_and_search_take_a_crops_folder(tmp_path, capsys):
+    """`purireid extract` reads a crops folder (camera folders, sub-folders, any names) as any
+    images, and `search` ranks them: lists, no metric invented without identities."""
+    import h5py
+
+    from conftest import tiny_config
+    from purireid.io.checkpoints import save_model_checkpoint
+    from purireid.model.network import build_model
+    from purireid.serving.cli import main
+
+    base = crops_folder(tmp_path, {"door": 4, "hall": 3}, nested=True)
+    config = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    save_model_checkpoint(tmp_path / "model.pth", build_model("resnet18", pretrained="none",
+                                                              input_norm=config["model"]["input_norm"]), config)
+    assert main(["extract", str(tmp_path / "model.pth"), str(base / "train"), "--out", str(tmp_path / "g.h5")]) == 0
+    with h5py.File(tmp_path / "g.h5") as h5:
+        paths = [p.decode() if isinstance(p, bytes) else p for p in h5["paths"][()]]
+    assert len(paths) == 7 and all("/day1/img" in p for p in paths)
+    query = base / "train" / "door" / "day1"
+    assert main(["search", "--gallery", str(tmp_path / "g.h5"), "--query", str(query), "--out",
+                 str(tmp_path / "ranked")]) == 0
+    ranked = json.loads((tmp_path / "ranked" / "ranked.json").read_text())
+    assert len(ranked["queries"]) == 4 and not ranked.get("metrics")
+    assert "mAP" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- the workflow
 
 
