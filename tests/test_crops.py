@@ -244,6 +244,35 @@ def test_summary_without_a_labelled_split_invents_no_metric():
     assert "no labelled split" in table and "| teacher | — | — |" in table and "Market-1501 protocol" not in table
 
 
+def test_camera_options_work_with_a_single_camera():
+    """Crops with no camera folders are one camera: camera centring, the same-camera offset, the
+    camera-aware sampler and the camera proxies all run (nothing to refuse)."""
+    from purireid import VIEWS
+    from purireid.config.resolve import resolve_config
+    from purireid.data.samplers import build_sampler
+    from purireid.labels.sources import PseudoLabels
+    from purireid.training.terms.base import Batch, EpochTargets
+    from purireid.training.terms.camera_proxy import CameraProxyTerm
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 16))
+    x = np.repeat(centres, 8, axis=0) + 0.05 * rng.standard_normal((32, 16))
+    features = {v: torch.nn.functional.normalize(torch.from_numpy(x.astype(np.float32)), dim=1) for v in VIEWS}
+    camids = np.zeros(32, dtype=np.int64)
+    config = resolve_config({"cluster": {"k1": 6, "k2": 2, "min_samples": 2, "camera_centre": True,
+                                         "same_camera_offset": 0.3},
+                             "train": {"camera_proxy": 0.5, "batch_size": 8, "num_instances": 4}})
+    labels = PseudoLabels(config, camids=camids).assign(features, epoch=0)
+    assert len(set(labels[labels >= 0])) == 4
+    batches = build_sampler("camera", labels, camids, 4).epoch_batches(rng, 8, 3)
+    assert batches.shape == (3, 8)
+    term = CameraProxyTerm.from_config(config)
+    term.start_epoch(EpochTargets(labels, features, camids, 4, 0.5, torch.device("cpu")))
+    out = {v: features[v][:8] for v in VIEWS}
+    losses = term(out, Batch(torch.zeros(8, 3, 4, 2), torch.arange(8)))
+    assert all(torch.isfinite(losses[v]) for v in VIEWS)
+
+
 # --------------------------------------------------------------------------- purireid extract / search
 
 
