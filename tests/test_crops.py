@@ -108,6 +108,12 @@ def test_empty_train_folder(tmp_path):
     one_line_error(lambda: load_dataset("crops", tmp_path, folder_name="crops"), "crops/train", "no training images")
 
 
+def test_empty_camera_folder(tmp_path):
+    crops_folder(tmp_path, {"a": 3})
+    (tmp_path / "crops" / "train" / "b" / "day1").mkdir(parents=True)
+    one_line_error(lambda: load_dataset("crops", tmp_path, folder_name="crops"), "crops/train/b", "empty camera folder")
+
+
 def test_camera_folder_with_one_image(tmp_path):
     crops_folder(tmp_path, {"a": 3, "lonely": 1})
     one_line_error(lambda: load_dataset("crops", tmp_path, folder_name="crops"), "lonely/img0.jpg", "camera 'lonely'")

@@ -175,8 +175,11 @@ def _crops_train_from_folders(train: Path) -> list[tuple[Path, str]]:
                            f"only when there are no camera folders)")
     found: list[tuple[Path, str]] = [(p, "train") for p in files]  # one camera, named after its folder
     for folder in folders:
-        found += [(p, folder.name) for p in sorted(folder.rglob("*"))
+        inside = [(p, folder.name) for p in sorted(folder.rglob("*"))
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+        if not inside:
+            raise DatasetError(f"{folder}: empty camera folder; fix: put that camera's crops in it or remove it")
+        found += inside
     for path, _ in found:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise DatasetError(f"{path}: not an image (expected {', '.join(IMAGE_SUFFIXES)}); "
