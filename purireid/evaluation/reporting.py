@@ -80,6 +80,28 @@ def lr_drops(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
     return drops
 
 
+def _quality_panel(ax: Any, series: Any, *, identities: bool) -> None:
+    """The pseudo labels' quality: against the true identities when they are known, else (unlabelled
+    crops) what the clusters show by themselves. `series(key)`: (epochs, values) of a logged key."""
+    if not identities:
+        for key, name in LABEL_FREE_QUALITY:
+            ax.plot(*series(key), marker="o", label=name)
+        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_title("pseudo labels without identities")
+        return
+    plotted = False
+    for key, name in LABEL_QUALITY:
+        ex, values = series(key)
+        if values:
+            ax.plot(ex, values, marker="o", label=name)
+            plotted = True
+    if plotted:
+        ax.legend(fontsize=8)
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+    ax.set_title("pseudo labels vs true identities (fraction)")
+
+
 def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> Any:
     """The figure `plot_training_curve` saves (matplotlib, not yet closed)."""
     plt = _pyplot()
@@ -103,23 +125,7 @@ def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> A
     ax_labels.plot(*series("outliers"), marker="x", label="outliers (left out)")
     ax_labels.set_title("pseudo labels (train images)")
     ax_labels.legend(fontsize=8)
-    if any("purity" in r for r in trained) or not trained:  # the true identities are known
-        plotted = False
-        for key, name in LABEL_QUALITY:
-            ex, values = series(key)
-            if values:
-                ax_quality.plot(ex, values, marker="o", label=name)
-                plotted = True
-        if plotted:
-            ax_quality.legend(fontsize=8)
-        ax_quality.set_ylim(min(0.0, ax_quality.get_ylim()[0]), 1.02)
-        ax_quality.set_title("pseudo labels vs true identities (fraction)")
-    else:  # no identities known (unlabelled crops): what the clusters show by themselves
-        for key, name in LABEL_FREE_QUALITY:
-            ax_quality.plot(*series(key), marker="o", label=name)
-        ax_quality.legend(fontsize=8)
-        ax_quality.set_ylim(bottom=0)
-        ax_quality.set_title("pseudo labels without identities")
+    _quality_panel(ax_quality, series, identities=any("purity" in r for r in trained) or not trained)
 
     ex, maps = series("mAP")
     if maps:
