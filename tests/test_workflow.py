@@ -391,7 +391,7 @@ def test_report(tiny_run, tiny_report):
     # Captions name the model (the training rules have no {model} wildcard).
     captions = {path.split("/")[-2] + "/" + path.split("/")[-1]: r["caption"] for path, r in data["results"].items()}
     for model in ("teacher", "student"):
-        for name in ("curve.png", "cmc.png", "ranked.png", "eval.json"):
+        for name in ("curve.png", "cmc.png", "ranked.png", "eval.json", "pseudo_identities.png"):
             assert f"<strong>{model}</strong>" in captions[f"{model}/{name}"], (model, name)
     assert not any("the  model" in c for c in captions.values())
     assert "purireid-summary" in captions["synthetic/summary.html"]
