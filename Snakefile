@@ -2,7 +2,8 @@
 #
 #   prepare_dataset -> train_teacher -> extract_teacher_features -> train_student
 #                                   \-> evaluate (teacher)                     \-> evaluate (student)
-#   evaluate (teacher, student) -> summary
+#   evaluate (teacher, student) -> summary        (evaluate only with a labelled query/gallery split)
+#   train_teacher / train_student -> pseudo_identities (teacher, student)
 #
 # Run:  snakemake            (embedded synthetic default, CPU-sized; profiles/default is the
 #                             workflow profile, applied without --profile)
@@ -31,6 +32,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/student.smk"
 include: "workflow/rules/supervised.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/pseudo_identities.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/ablation.smk"

@@ -320,7 +320,7 @@ def test_rules_read_the_inputs_the_stage_table_declares():
         assert f'params_of("{name}")' in block or f'training_params("{name}"' in block or name == "export_student", name
         assert (f'mem_mb("{name}")' in block and f'runtime("{name}")' in block) \
             or f'training_resources("{name}")' in block, name
-        if name in ("evaluate", "export_student"):
+        if name in ("evaluate", "export_student", "pseudo_identities"):
             continue
         named = set(re.findall(r'upstream\("(\w+)"', block))
         assert named == set(stage_inputs(plain, name)), (name, named)
@@ -328,4 +328,7 @@ def test_rules_read_the_inputs_the_stage_table_declares():
         if stage.reads_source_weights:
             assert set(stage_inputs(from_source, name)) == named | {"pretrain_source"}
     assert set(stage_inputs(plain, "evaluate_student")) == {"prepare_dataset", "train_student"}
+    # pseudo_identities reads the manifest, the model it clusters with and, for the teacher, its features
+    assert set(re.findall(r'upstream\("(\w+)"', blocks["pseudo_identities"])) == \
+        {"prepare_dataset", "extract_teacher_features"} and "TRAINED_BY[w.model]" in blocks["pseudo_identities"]
     assert TRAINED_BY == {"teacher": "train_teacher", "student": "train_student", "supervised": "train_supervised"}

@@ -21,7 +21,8 @@ from conftest import copy_of_tiny_dag
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 PRESETS = sorted((REPO / "config" / "presets").glob("*.yaml"))
-RULES = ("prepare_dataset", "train_teacher", "extract_teacher_features", "train_student", "evaluate", "summary")
+RULES = ("prepare_dataset", "train_teacher", "extract_teacher_features", "train_student", "evaluate", "pseudo_identities",
+         "summary")
 
 
 def snakemake_exe() -> str:
@@ -62,7 +63,8 @@ def expected_outputs(dataset: str = "synthetic") -> list[str]:
     files = [f"{base}/data/manifest.csv", f"{base}/data/summary.json", f"{base}/teacher/train_features.h5"]
     for model in ("teacher", "student"):
         files += [f"{base}/{model}/{name}" for name in
-                  ("model.pth", "log.jsonl", "curve.png", "eval.json", "cmc.png", "ranked.png")]
+                  ("model.pth", "log.jsonl", "curve.png", "eval.json", "cmc.png", "ranked.png",
+                   "pseudo_identities.csv", "pseudo_identities.png")]
     return files + [f"{base}/summary.{ext}" for ext in ("tsv", "md", "html")]
 
 
@@ -78,7 +80,7 @@ def test_dry_run_default(tmp_path):
     out = snakemake(tmp_path, "-n").stdout
     assert planned_jobs(out) == {
         "prepare_dataset": 1, "train_teacher": 1, "extract_teacher_features": 1, "train_student": 1, "evaluate": 2,
-        "summary": 1,
+        "pseudo_identities": 2, "summary": 1,
     }
     assert planned_evaluations(out) == {"teacher", "student"}
     for path in expected_outputs():
@@ -245,7 +247,8 @@ def test_end_to_end_outputs(tiny_run):
         assert (workdir / path).is_file(), path
         assert (workdir / path).stat().st_size > 0, path
     base = workdir / "results/synthetic"
-    for name in [r for r in RULES if r != "evaluate"] + ["evaluate_teacher", "evaluate_student"]:
+    per_model = [f"{rule}_{model}" for rule in ("evaluate", "pseudo_identities") for model in ("teacher", "student")]
+    for name in [r for r in RULES if r not in ("evaluate", "pseudo_identities")] + per_model:
         assert (base / "logs" / f"{name}.log").is_file(), name
     for name in ("train_teacher", "extract_teacher_features", "train_student", "evaluate_teacher", "evaluate_student"):
         assert (base / "benchmarks" / f"{name}.tsv").is_file(), name
@@ -388,7 +391,7 @@ def test_report(tiny_run, tiny_report):
     # Captions name the model (the training rules have no {model} wildcard).
     captions = {path.split("/")[-2] + "/" + path.split("/")[-1]: r["caption"] for path, r in data["results"].items()}
     for model in ("teacher", "student"):
-        for name in ("curve.png", "cmc.png", "ranked.png", "eval.json"):
+        for name in ("curve.png", "cmc.png", "ranked.png", "eval.json", "pseudo_identities.png"):
             assert f"<strong>{model}</strong>" in captions[f"{model}/{name}"], (model, name)
     assert not any("the  model" in c for c in captions.values())
     assert "purireid-summary" in captions["synthetic/summary.html"]

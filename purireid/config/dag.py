@@ -101,6 +101,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           execution=("device", "data.workers", "data.test_batch_size"),
           resources={DEFAULT_DATASET: Resources(16000, 30), "synthetic": Resources(3000, 15),
                      "msmt17": Resources(48000, 60)}),
+    # The final teacher's / student's clustering of the train images (its inputs: the manifest and
+    # its summary, the trained model, and for the teacher its extracted features).
+    Stage("pseudo_identities", inputs=("prepare_dataset",),
+          keys=("dataset", "data_root", "data", "cluster", "train.amp", "train.channels_last"), execution=_LOADING,
+          resources={DEFAULT_DATASET: Resources(16000, 60), "synthetic": Resources(3000, 15),
+                     "msmt17": Resources(32000, 120)}),
     # export.enabled only decides whether the exported file is a target, not what it holds.
     Stage("export_student", inputs=("train_student",),
           keys=("export.format", "export.views", "export.opset", "export.tolerance"),

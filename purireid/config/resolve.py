@@ -22,6 +22,7 @@ from purireid.config.dag import (  # noqa: F401 - the config API, re-exported
     ALL_EXECUTION_KEYS, EXECUTION_KEYS, SOURCE_STAGES, STAGE_KEYS, execution_settings, source_config, stage_config,
     stage_params, without_execution_keys,
 )
+from purireid.config.datasets import DATASET_KINDS, has_labelled_split
 from purireid.config.recipes import recipe_names, recipe_overlay
 from purireid.config.schema import (  # noqa: F401 - the config API, re-exported
     MISSING, ConfigError, deep_merge, dotted_get, load_schema, schema_default, schema_defaults,
@@ -89,6 +90,29 @@ def _check_cross_keys(resolved: Mapping[str, Any]) -> None:
         raise ConfigError(problems[0])
 
 
+def _check_dataset_kind(resolved: Mapping[str, Any]) -> None:
+    """What needs the train images' identities is refused for a dataset kind without them (crops)."""
+    name = resolved["dataset"]
+    if DATASET_KINDS[name].train_identities:
+        return
+    if resolved["supervised_reference"]:
+        raise ConfigError(
+            f"config key 'supervised_reference' must be false for dataset '{name}': the supervised reference "
+            f"trains with the true identities of the train images, and '{name}' has none")
+
+
+def check_labelled_split(resolved: Mapping[str, Any]) -> bool:
+    """Whether the run evaluates (the dataset has a labelled query/gallery split, decided from the
+    registry or, for crops, from its folder: purireid.config.datasets.has_labelled_split); without
+    one, refuses what needs test mAP (train.keep_best). train.eval_every is then unused."""
+    labelled = has_labelled_split(resolved)
+    if not labelled and resolved["train"]["keep_best"]:
+        raise ConfigError(
+            f"config key 'train.keep_best' must be false: dataset '{resolved['dataset']}' has no labelled "
+            f"query/gallery split to pick the best epoch by (add query/ and gallery/ beside train/ to evaluate)")
+    return labelled
+
+
 def _check_source(resolved: Mapping[str, Any]) -> None:
     """The source stages' config is valid too (checked only when the source is used)."""
     if resolved["source"]["pretrained"] == "source":
@@ -143,6 +167,7 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict:
             "(the schema with every key and its default is purireid/config/schemas/config.schema.yaml)."
         )
     _check_cross_keys(resolved)
+    _check_dataset_kind(resolved)
     if resolved["model"]["pretrained"] == "source":
         _check_source(resolved)
     return resolved

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from purireid.config.datasets import DATASET_KINDS, labelled_source_names
 from purireid.labels.methods import METHOD_NAMES
 from purireid.model.backbones import ARCHS
 
@@ -33,10 +34,13 @@ class ConfigError(ValueError):
 def _parsed_schema() -> dict:
     # Parsed once per process: a workflow resolves one config per variant.
     schema = yaml.safe_load(resources.files("purireid").joinpath(SCHEMA_RESOURCE).read_text())
-    # The registries' names are the choices (one place to add a backbone or a pseudo-label method).
+    # The registries' names are the choices (one place to add a backbone, a pseudo-label method or
+    # a dataset); a source pretraining needs identities, so only the kinds whose train split has them.
     properties = schema["properties"]
     properties["model"]["properties"]["arch"]["enum"] = list(ARCHS)
     properties["cluster"]["properties"]["method"]["enum"] = list(METHOD_NAMES)
+    properties["dataset"]["enum"] = list(DATASET_KINDS)
+    properties["source"]["properties"]["dataset"]["enum"] = labelled_source_names()
     return schema
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import tarfile
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from purireid.data.datasets import DATASET_INFO, SPLITS, DatasetError, Record
+from purireid.data.datasets import DATASET_INFO, SPLITS, UNKNOWN_PID, CropsLayout, DatasetError, Record
 from purireid.io.files import replace_dir
 
 MAX_LISTED = 10
@@ -134,5 +135,14 @@ def check_published_counts(name: str, splits: Mapping[str, Sequence[Record]]) ->
 
 
 def summarise(splits: Mapping[str, Sequence[Record]]) -> dict[str, Any]:
-    return {s: {"images": len(splits[s]), "ids": len({r.pid for r in splits[s]}),
+    """Images, identities and cameras per split; ids None for a split whose identities are unknown."""
+    return {s: {"images": len(splits[s]),
+                "ids": None if splits[s] and all(r.pid == UNKNOWN_PID for r in splits[s])
+                else len({r.pid for r in splits[s]}),
                 "cameras": len({r.camid for r in splits[s]})} for s in SPLITS}
+
+
+def camera_summary(crops: CropsLayout) -> list[dict[str, Any]]:
+    """Each train camera's name, the id it was given (sorted names -> 0, 1, ...) and its images."""
+    counts = Counter(r.camid for r in crops.splits["train"])
+    return [{"name": name, "id": camid, "images": counts[camid]} for camid, name in enumerate(crops.cameras)]

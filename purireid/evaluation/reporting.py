@@ -32,6 +32,10 @@ FIGURE_DPI = 90
 # Label-quality diagnostics of the training log (fractions), plotted when present.
 LABEL_QUALITY = (("purity", "cluster purity"), ("nmi", "NMI"), ("ari", "ARI"),
                  ("multi_camera_share", "multi-camera clusters"))
+# Plotted instead when no true identity is known: shares and cosine distances (purireid.labels.quality).
+LABEL_FREE_QUALITY = (("multi_camera_share", "multi-camera clusters (share)"),
+                      ("within_cluster_distance", "distance to own centre"),
+                      ("nearest_cluster_distance", "centre to nearest centre"))
 
 
 def _save_figure(fig: Any, path: str | Path) -> None:
@@ -76,6 +80,28 @@ def lr_drops(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
     return drops
 
 
+def _quality_panel(ax: Any, series: Any, *, identities: bool) -> None:
+    """The pseudo labels' quality: against the true identities when they are known, else (unlabelled
+    crops) what the clusters show by themselves. `series(key)`: (epochs, values) of a logged key."""
+    if not identities:
+        for key, name in LABEL_FREE_QUALITY:
+            ax.plot(*series(key), marker="o", label=name)
+        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_title("pseudo labels without identities")
+        return
+    plotted = False
+    for key, name in LABEL_QUALITY:
+        ex, values = series(key)
+        if values:
+            ax.plot(ex, values, marker="o", label=name)
+            plotted = True
+    if plotted:
+        ax.legend(fontsize=8)
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+    ax.set_title("pseudo labels vs true identities (fraction)")
+
+
 def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> Any:
     """The figure `plot_training_curve` saves (matplotlib, not yet closed)."""
     plt = _pyplot()
@@ -99,16 +125,7 @@ def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> A
     ax_labels.plot(*series("outliers"), marker="x", label="outliers (left out)")
     ax_labels.set_title("pseudo labels (train images)")
     ax_labels.legend(fontsize=8)
-    plotted = False
-    for key, name in LABEL_QUALITY:
-        ex, values = series(key)
-        if values:
-            ax_quality.plot(ex, values, marker="o", label=name)
-            plotted = True
-    if plotted:
-        ax_quality.legend(fontsize=8)
-    ax_quality.set_ylim(min(0.0, ax_quality.get_ylim()[0]), 1.02)
-    ax_quality.set_title("pseudo labels vs true identities (fraction)")
+    _quality_panel(ax_quality, series, identities=any("purity" in r for r in trained) or not trained)
 
     ex, maps = series("mAP")
     if maps:
@@ -123,6 +140,9 @@ def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> A
                         label="Rank-1, untrained")
     if maps or untrained:
         ax_acc.legend(fontsize=8)
+    else:
+        ax_acc.text(0.5, 0.5, "no labelled query/gallery split:\nnot evaluated", transform=ax_acc.transAxes,
+                    ha="center", va="center", color="0.4")
     ax_acc.set_ylim(bottom=0)
     ax_acc.set_title("query/gallery mAP and Rank-1 (%)")
 
@@ -155,8 +175,9 @@ def training_curve_figure(records: Sequence[Mapping[str, Any]], title: str) -> A
 
 def plot_training_curve(path: str | Path, records: Sequence[Mapping[str, Any]], title: str) -> None:
     """Four panels per epoch: loss; clusters and outliers; pseudo-label quality against the true
-    identities (cluster purity, and NMI / ARI / multi-camera share when logged); query/gallery
-    mAP and Rank-1 (%).
+    identities (cluster purity, and NMI / ARI / multi-camera share when logged; without
+    identities the label-free figures: multi-camera share, distances to the own and the nearest
+    cluster centre); query/gallery mAP and Rank-1 (%), or a note when there is no labelled split.
 
     The untrained model's evaluation is no epoch: it gets its own position, labelled
     "untrained", left of a dotted line. The student's warm-up (epoch -1) is shaded; each fall of
@@ -303,6 +324,46 @@ def ranked_list_picture(path: str | Path, data_root: str | Path, query: Sequence
                 break
         sx = bx + cell_w + _SEPARATOR // 2 - _GAP // 2
         draw.line([(sx, y), (sx, y + cell_h - _GAP)], fill="grey", width=2)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return layout
+
+
+class ClusterStrip(NamedTuple):
+    """One row of `cluster_strips_picture`: its caption (short lines, e.g. "id 7\n12 images\n3 cameras") and
+    the images shown (paths relative to data_root), nearest to the cluster's centre first."""
+
+    caption: str
+    paths: Sequence[str]
+
+
+def cluster_strips_picture(path: str | Path, data_root: str | Path, strips: Sequence[ClusterStrip], *,
+                           title: str, max_size: tuple[int, int] = REPORT_MAX_SIZE) -> RankedLayout:
+    """One row per pseudo-identity: its caption, then up to RANKED_LIST_LENGTH of its images (as
+    the ranked lists are laid out, `ranked_list_layout`), so a person can judge whether each row
+    shows one person. Returns the layout used."""
+    layout = ranked_list_layout(len(strips), max_size)
+    width, height = layout.tile
+    cell_w, cell_h = width + 2 * _BORDER + _GAP, height + 2 * _BORDER + _GAP
+    block_w = (RANKED_LIST_LENGTH + 1) * cell_w + _SEPARATOR
+    canvas = Image.new("RGB", layout.size, "white")
+    draw = ImageDraw.Draw(canvas)
+    root = Path(data_root)
+    title_font, small = _font(15, bold=True), _font(11)
+    draw.text((_MARGIN, _MARGIN), title, fill="black", font=title_font)
+    draw.text((_MARGIN, _MARGIN + _TITLE_H + 2), "each row: one pseudo-identity, its images from the nearest to "
+              "its centre to the farthest", fill="grey", font=small)
+    top = _MARGIN + _TITLE_H + _KEY_H + _HEADER_H
+    for i, strip in enumerate(strips):
+        block, row = divmod(i, layout.rows)
+        bx = _MARGIN + block * (block_w + _BLOCK_GAP)
+        y = top + row * cell_h
+        draw.multiline_text((bx, y), strip.caption, fill="black", font=small, spacing=2)
+        for column, image_path in enumerate(strip.paths[:RANKED_LIST_LENGTH]):
+            with Image.open(root / image_path) as img:
+                tile = ImageOps.expand(img.convert("RGB").resize((width, height), Image.BICUBIC), border=_BORDER,
+                                       fill="black")
+            canvas.paste(tile, (bx + (column + 1) * cell_w + _SEPARATOR, y))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return layout

@@ -63,10 +63,12 @@ def summary_rows(models: Sequence[str], evaluations: Mapping[str, Mapping[str, A
     teacher's: the evaluation its training log records before the first epoch)."""
     rows = []
     if untrained_from in models:
-        first = untrained_row(logs.get(untrained_from, []), evaluations[untrained_from].get("num_valid_queries"))
+        first = untrained_row(logs.get(untrained_from, []),
+                              evaluations.get(untrained_from, {}).get("num_valid_queries"))
         if first is not None:
             rows.append(first)
-    return rows + [model_row(m, evaluations[m], logs.get(m, [])) for m in models]
+    # A model without an evaluation (no labelled split): its training, no metric.
+    return rows + [model_row(m, evaluations.get(m, {}), logs.get(m, [])) for m in models]
 
 
 # --------------------------------------------------------------------------- formatting
@@ -123,8 +125,19 @@ def computed_on(evaluations: Mapping[str, Mapping[str, Any]]) -> str | None:
     return f"Evaluated {where}{unused}."
 
 
-def notes(*, dataset: str, rerank: bool, computed: str | None = None) -> list[str]:
+def no_labelled_split_note(dataset: str) -> str:
+    """The first note under the table of a dataset without a labelled query/gallery split."""
+    return (f"{dataset} has no labelled split (no query/ and gallery/ with identities), so no retrieval "
+            f"metric is computed: — in every metric column, none invented. The result is each model and its "
+            f"pseudo-identities (<model>/pseudo_identities.csv, and the picture beside it).")
+
+
+def notes(*, dataset: str, rerank: bool, computed: str | None = None, labelled: bool = True) -> list[str]:
     """What the table's columns mean, under it (and where it was computed, `computed_on`)."""
+    if not labelled:
+        return [no_labelled_split_note(dataset),
+                "epochs: training epochs (warm-up + epochs for the student). training time: labelling and "
+                "optimisation summed over the epochs."]
     return [
         protocol_note(dataset=dataset, rerank=rerank) + (f" {computed}" if computed else ""),
         "untrained: the teacher's starting weights, evaluated before its first epoch. "
@@ -147,22 +160,25 @@ def to_tsv(rows: Sequence[SummaryRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_markdown(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool, computed: str | None = None) -> str:
+def to_markdown(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool, computed: str | None = None,
+                labelled: bool = True) -> str:
     """The table a run prints at its end (summary.md)."""
     lines = [f"## purireid results: {dataset}", "",
              "| " + " | ".join(HEADERS) + " |",
              "|:--|" + "--:|" * (len(HEADERS) - 1)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    below = notes(dataset=dataset, rerank=rerank, computed=computed)
+    below = notes(dataset=dataset, rerank=rerank, computed=computed, labelled=labelled)
     return "\n".join(lines) + "\n\n" + "\n\n".join(below) + "\n"
 
 
-def to_html(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool, computed: str | None = None) -> str:
+def to_html(rows: Sequence[SummaryRow], *, dataset: str, rerank: bool, computed: str | None = None,
+            labelled: bool = True) -> str:
     """An HTML fragment (styles inline): the report's first screen (a column ~500 px wide) and
     its Summary entry. Metric headers without "(%)" to fit; the first note says percentages."""
     headers = ("model", *(name for _, name in METRICS), "queries", "epochs", "training time")
     return html_table(f"Results: {dataset}", "(mAP, mINP, Rank-k in %)", headers, [_cells(row) for row in rows],
-                      notes(dataset=dataset, rerank=rerank, computed=computed), css_class="purireid-summary")
+                      notes(dataset=dataset, rerank=rerank, computed=computed, labelled=labelled),
+                      css_class="purireid-summary")
 
 
 def html_table(title: str, subtitle: str, headers: Sequence[str], cells: Sequence[Sequence[str]],

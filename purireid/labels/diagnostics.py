@@ -5,7 +5,12 @@ Stages). Pure functions of label arrays; the label sources give their own advice
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import torch
+
+from purireid.labels.quality import label_free_diagnostics
 
 
 def cluster_purity(labels: np.ndarray, pids: np.ndarray) -> float | None:
@@ -22,37 +27,34 @@ def cluster_purity(labels: np.ndarray, pids: np.ndarray) -> float | None:
     return float(counts.max(axis=1).sum() / mask.sum())
 
 
-def label_diagnostics(labels: np.ndarray, pids: np.ndarray, camids: np.ndarray) -> dict[str, float | None]:
+def label_diagnostics(labels: np.ndarray, pids: np.ndarray, camids: np.ndarray,
+                      features: Mapping[str, torch.Tensor] | None = None) -> dict[str, float | None]:
     """How an epoch's labels relate to the true identities and the cameras.
 
     - ``purity``: see `cluster_purity`;
     - ``nmi`` / ``ari``: normalised mutual information and adjusted Rand index of the labels
       against the pids, over the clustered images (outliers, label -1, left out);
-    - ``multi_camera_share``: share of clusters whose members come from >= 2 cameras (a
-      cluster confined to one camera has usually grouped by camera, not by person);
-    - ``mean_cluster_size``: clustered images per cluster.
+    - the label-free figures of purireid.labels.quality (cluster sizes, ``multi_camera_share``,
+      and with `features` the within-cluster and nearest-cluster distances).
 
+    When no pid is known (every one -1, purireid.data.datasets.UNKNOWN_PID: a dataset of unlabelled crops) purity, NMI and
+    ARI are left out, not faked: only the label-free figures are returned.
     Values are None when no image is clustered.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     labels, pids, camids = np.asarray(labels), np.asarray(pids), np.asarray(camids)
+    free = label_free_diagnostics(labels, camids, features)
+    if (pids < 0).all():  # UNKNOWN_PID (-1) everywhere: no identity is known
+        return free
     mask = labels >= 0
     if not mask.any():
-        return dict.fromkeys(("purity", "nmi", "ari", "multi_camera_share", "mean_cluster_size"))
-    clustered = labels[mask]
-    num_clusters = int(clustered.max()) + 1
-    _, cam_codes = np.unique(camids[mask], return_inverse=True)
-    seen = np.zeros((num_clusters, cam_codes.max() + 1), dtype=bool)
-    seen[clustered, cam_codes] = True
-    cameras_per_cluster = seen.sum(axis=1)
-    present = np.bincount(clustered, minlength=num_clusters) > 0
+        return {**dict.fromkeys(("purity", "nmi", "ari")), **free}
     return {
         "purity": cluster_purity(labels, pids),
-        "nmi": float(normalized_mutual_info_score(pids[mask], clustered)),
-        "ari": float(adjusted_rand_score(pids[mask], clustered)),
-        "multi_camera_share": float((cameras_per_cluster[present] >= 2).mean()),
-        "mean_cluster_size": float(mask.sum() / present.sum()),
+        "nmi": float(normalized_mutual_info_score(pids[mask], labels[mask])),
+        "ari": float(adjusted_rand_score(pids[mask], labels[mask])),
+        **free,
     }
 
 

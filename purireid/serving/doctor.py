@@ -247,6 +247,7 @@ def _weights_check(config: Mapping[str, Any]) -> Iterator[Check]:
 
 
 def _dataset_check(config: Mapping[str, Any]) -> Iterator[Check]:
+    from purireid.config.datasets import FOLDER_CONTENTS
     from purireid.data.datasets import DATASET_INFO, DatasetError, dataset_folder
 
     name, root = config["dataset"], config["data_root"]
@@ -272,6 +273,12 @@ def _dataset_check(config: Mapping[str, Any]) -> Iterator[Check]:
                     "" if ok else f"set prepare.archive to the path of {DATASET_INFO[name].archive or 'the archive'}")
         return
     archive_name = DATASET_INFO[name].archive
+    if archive_name is None:  # your own images (folder, crops): nothing to extract
+        yield Check("config", "dataset", "fail", f"{name}: folder {shown} not found",
+                    f"put your images there ({FOLDER_CONTENTS[DATASET_INFO[name].layout]}), or set data_root and "
+                    f"prepare.folder_name to where they are (run doctor from the workflow's working directory: "
+                    f"data_root is relative)")
+        return
     yield Check("config", "dataset", "fail", f"{name}: folder {shown} not found and no prepare.archive set",
                 f"extract {archive_name} so that its folder is {folder}, or set prepare.archive to the "
                 f"path of {archive_name} (run doctor from the workflow's working directory: data_root is relative)")

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from purireid.data.datasets import DATASET_INFO, SPLITS, DatasetError, dataset_folder, load_dataset, write_manifest
-from purireid.data.prepare import check_published_counts, extract_archive, summarise, validate_images
+from purireid.config.datasets import FOLDER_CONTENTS
+from purireid.data.datasets import (DATASET_INFO, SPLITS, DatasetError, dataset_folder, load_crops_layout, load_dataset,
+                                    write_manifest)
+from purireid.data.prepare import camera_summary, check_published_counts, extract_archive, summarise, validate_images
 from purireid.io.files import write_json_atomic
 from purireid.log import get_logger
 from purireid.io.checkpoints import write_resolved_config
@@ -33,11 +35,11 @@ def _locate(name: str, data_root: Path, prepare: Mapping[str, Any], synthetic: M
     archive = prepare["archive"]
     if archive is None:
         info = DATASET_INFO[name]
-        hint = (f"download {info.url_hint}; either extract {info.archive} into "
+        hint = (f"download {info.hint}; either extract {info.archive} into "
                 f"{base.parent} or set config key 'prepare.archive' to the archive's path")
         raise DatasetError(
             f"dataset folder {base} not found.\n  expected: {base} with the dataset's folders\n"
-            f"  fix: {hint if info.archive else 'put your images there in the Market-1501 layout'}")
+            f"  fix: {hint if info.archive else 'put your images there: ' + FOLDER_CONTENTS[info.layout]}")
     log.info("extracting %s into %s", archive, base.parent)
     tops = extract_archive(archive, base.parent)
     if not base.is_dir():
@@ -68,9 +70,16 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, summary: str | Path,
     """
     name, data_root, prepare = config["dataset"], Path(config["data_root"]), config["prepare"]
     base = _locate(name, data_root, prepare, config.get("synthetic") if name == "synthetic" else None, workers)
-    splits = load_dataset(name, data_root, folder_name=prepare["folder_name"])
+    kind = DATASET_INFO[name]
+    cameras = None
+    if kind.layout == "crops":  # the camera names are part of what it prepares
+        crops = load_crops_layout(base, data_root)
+        splits, cameras = crops.splits, camera_summary(crops)
+    else:
+        splits = load_dataset(name, data_root, folder_name=prepare["folder_name"])
     for split in SPLITS:
-        if not splits[split]:
+        # A kind whose labelled split is optional (crops) has neither query nor gallery, or both.
+        if not splits[split] and (split == "train" or kind.labelled_split):
             raise DatasetError(f"{base}: split '{split}' has no images; expected at least one")
     if prepare["check_counts"]:
         check_published_counts(name, splits)
@@ -81,6 +90,9 @@ def run(config: Mapping[str, Any], *, manifest: str | Path, summary: str | Path,
     result = {"dataset": name, "folder": base.relative_to(data_root).as_posix(),
               "data_root": str(data_root), "counts_checked": counts_checked,
               "counts_note": _counts_note(name, prepare["check_counts"]), "splits": summarise(splits)}
+    if cameras is not None:
+        result["labelled_split"] = bool(splits["query"])
+        result["cameras"] = cameras
     write_manifest(manifest, splits)
     write_json_atomic(summary, result)
     write_resolved_config(manifest, config)

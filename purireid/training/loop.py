@@ -275,7 +275,7 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, optimizer
     train_s = time.time() - tic
 
     # Diagnostics against the true identities: logged, never fed back into training.
-    diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids)
+    diagnostics = label_diagnostics(targets.labels, run.train_pids, run.train_camids, targets.features)
     if plan.index == 0 and ctx.is_main:
         notes = [*plan.label_source.advice(diagnostics), replacement_advice(targets.labels, train["num_instances"])]
         for advice in filter(None, notes):
@@ -300,7 +300,7 @@ def run_epoch(run: TrainingRun, plan: EpochPlan, net: torch.nn.Module, optimizer
     }
     log.info("epoch %d: %d clusters, %d outliers, purity %s, NMI %s, multi-camera clusters %s, loss %.4f, "
              "lr %.2e, %.1f s (%.0f img/s)", plan.epoch, targets.num_classes, record["outliers"],
-             *("n/a" if record[k] is None else f"{record[k]:.3f}" for k in ("purity", "nmi", "multi_camera_share")),
+             *("n/a" if record.get(k) is None else f"{record[k]:.3f}" for k in ("purity", "nmi", "multi_camera_share")),
              record["loss"], record["lr"], record["seconds"], record["images_per_s"])
     return record
 
@@ -391,7 +391,7 @@ def train(config: Mapping[str, Any], files: TrainFiles, *, ctx: DistContext, tea
     evaluation = PeriodicEvaluation(trained.model, splits, config, ctx, cache_dir)
     if ctx.is_main:  # a declared output of the rule: written on every (also resumed) start
         write_resolved_config(files.model_out, config)
-    if start is None:
+    if start is None and evaluation.labelled:
         run_log.append(evaluation.untrained(role))
         run_log.write(curve=False)
 

@@ -106,12 +106,14 @@ class RunLog:
 
 class PeriodicEvaluation:
     """The headline test metrics (mAP, mINP, Rank-1/5/10) of the model: before training, and after
-    every train.eval_every epochs and the last (never after the student's warm-up epoch)."""
+    every train.eval_every epochs and the last (never after the student's warm-up epoch). A dataset
+    without a labelled query/gallery split (unlabelled crops) is never evaluated."""
 
     def __init__(self, model: torch.nn.Module, splits: Mapping[str, Sequence[Record]], config: Mapping[str, Any],
                  ctx: DistContext, cache_dir: Path | None) -> None:
         self.model, self.splits, self.config, self.ctx, self.cache_dir = model, splits, config, ctx, cache_dir
         self.every = config["train"]["eval_every"]
+        self.labelled = bool(splits["query"]) and bool(splits["gallery"])
 
     def metrics(self) -> dict:
         # The CMC up to rank 10 is enough for the headline metrics.
@@ -127,7 +129,7 @@ class PeriodicEvaluation:
         return {"epoch": None, "phase": PHASE_UNTRAINED, **metrics, "seconds": round(time.time() - tic, 2)}
 
     def due(self, epoch: int, *, last: bool) -> bool:
-        return bool(self.every) and epoch >= 0 and ((epoch + 1) % self.every == 0 or last)
+        return self.labelled and bool(self.every) and epoch >= 0 and ((epoch + 1) % self.every == 0 or last)
 
     def after_epoch(self, epoch: int) -> dict:
         metrics = self.metrics()

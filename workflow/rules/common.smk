@@ -9,7 +9,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from purireid.config.dag import SOURCE_STAGES, TRAINED_BY, source_config, stage_params, stage_resources
-from purireid.config.resolve import ConfigError, resolve_config
+from purireid.config.resolve import ConfigError, check_labelled_split, resolve_config
 from purireid.config.variants import BASE_RUN, Runs, ablation_variants, describe_changes, run_configs, sweep_variants, \
     sweeps
 
@@ -32,6 +32,14 @@ except ConfigError as err:
 DATASET = config["dataset"]
 RESULTS = f"{config['results_dir']}/{DATASET}"
 MODELS = ("teacher", "student")
+
+# Whether the dataset has a labelled query/gallery split (the registry says, or for crops its
+# folder's query/ and gallery/ when the workflow is parsed): without one there is no evaluate job,
+# the summary says so, and what needs test mAP (train.keep_best) is refused here.
+try:
+    LABELLED = check_labelled_split(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
 # ---------------------------------------------------------------- runs: the configured one and the variants
 #
@@ -128,6 +136,12 @@ def evaluated_models():
     return list(MODELS) + (["supervised"] if config["supervised_reference"] else [])
 
 
+def summarised_models():
+    """The models of the summary's rows: the evaluated ones, or without a labelled split the
+    trained ones (their epochs and training time, no metric)."""
+    return evaluated_models() if LABELLED else list(MODELS)
+
+
 # Report categories and subcategories: the report lists them alphabetically, hence the numbers
 # (summary first, training before evaluation, teacher before student).
 REPORT_SUMMARY = "1. Summary"
@@ -175,7 +189,7 @@ def print_summary():
     table = Path(rules.summary.output.md)
     if not table.is_file():
         return
-    tabulated = [*rules.summary.input.eval_json, *rules.summary.input.log_jsonl]
+    tabulated = [*rules.summary.input.get("eval_json", []), *rules.summary.input.log_jsonl]
     sources = [Path(p) for p in tabulated if Path(p).is_file()]
     if any(p.stat().st_mtime > table.stat().st_mtime for p in sources):
         print(f"\n{table} is older than the metrics it tabulates; `snakemake {table}` updates it.",
@@ -189,7 +203,9 @@ def final_outputs():
     files = [out("data", "manifest.csv"), out("data", "summary.json"), out("teacher", "train_features.h5")]
     for model in MODELS:
         files += [out(model, name) for name in ("model.pth", "log.jsonl", "curve.png")]
-        files += [out(model, name) for name in ("eval.json", "cmc.png", "ranked.png")]
+        files += [out(model, name) for name in ("pseudo_identities.csv", "pseudo_identities.png")]
+        if LABELLED:  # else no query/gallery to score on
+            files += [out(model, name) for name in ("eval.json", "cmc.png", "ranked.png")]
     if config["supervised_reference"]:  # the upper bound trained with the true labels
         files += [out("supervised", name) for name in ("model.pth", "log.jsonl", "curve.png", "eval.json")]
     if USES_SOURCE:

@@ -15,8 +15,9 @@ rule summary:
     model (and the untrained starting point) into summary.tsv / summary.md / summary.html, beside
     a copy of the rule graph (docs/rulegraph.svg) for the report."""
     input:
-        eval_json=expand(out("{model}", "eval.json"), model=evaluated_models()),
-        log_jsonl=expand(out("{model}", "log.jsonl"), model=evaluated_models()),
+        # without a labelled split (crops without query/gallery) no eval.json: rows without metrics
+        eval_json=expand(out("{model}", "eval.json"), model=summarised_models() if LABELLED else []),
+        log_jsonl=expand(out("{model}", "log.jsonl"), model=summarised_models()),
         rulegraph=RULEGRAPH_SVG,
     output:
         tsv=out("summary.tsv"),
@@ -36,8 +37,9 @@ rule summary:
             labels={"table": "rule graph"},
         ),
     params:
-        models=evaluated_models(),
+        models=summarised_models(),
         dataset=DATASET,
+        labelled=LABELLED,
     log:
         out("logs", "summary.log"),
     benchmark:

@@ -17,19 +17,22 @@ try:
     remove_stale_temporaries(list(snakemake.output))  # an interrupted run's
 
     models = list(snakemake.params.models)
+    labelled = snakemake.params.labelled  # False: no query/gallery split, no eval.json, no metric
     evaluations, logs = {}, {}
-    for model, eval_json, log_jsonl in zip(models, snakemake.input.eval_json, snakemake.input.log_jsonl, strict=True):
+    for model, log_jsonl in zip(models, snakemake.input.log_jsonl, strict=True):
+        logs[model] = read_jsonl(log_jsonl)
+    for model, eval_json in zip(models if labelled else [], snakemake.input.eval_json, strict=True):
         with open(eval_json) as handle:
             evaluations[model] = json.load(handle)
-        logs[model] = read_jsonl(log_jsonl)
     rows = summary_rows(models, evaluations, logs)
     dataset = snakemake.params.dataset
     rerank = any(e.get("rerank") for e in evaluations.values())
     write_text_atomic(snakemake.output.tsv, to_tsv(rows))
     computed = computed_on(evaluations)
-    markdown = to_markdown(rows, dataset=dataset, rerank=rerank, computed=computed)
+    markdown = to_markdown(rows, dataset=dataset, rerank=rerank, computed=computed, labelled=labelled)
     write_text_atomic(snakemake.output.md, markdown)
-    write_text_atomic(snakemake.output.html, to_html(rows, dataset=dataset, rerank=rerank, computed=computed))
+    write_text_atomic(snakemake.output.html, to_html(rows, dataset=dataset, rerank=rerank, computed=computed,
+                                                     labelled=labelled))
     with atomic_path(snakemake.output.rulegraph) as tmp:  # for the report's first screen
         shutil.copyfile(snakemake.input.rulegraph, tmp)
     # The table itself is printed once, at the end of the run (common.smk's print_summary).
