@@ -27,7 +27,14 @@ def _one_dtype(device: torch.device) -> bool:
 
 
 def _grouped(tensor: Tensor, groups: int) -> Tensor:
-    """[B, C, *S] -> the [g, C, n, *S] view (g groups of n consecutive samples), any layout."""
+    """[B, C, *S] -> the [g, C, n, *S] view (g groups of n consecutive samples), any layout.
+
+    Eagerly one strided view from the tensor's own strides. While torch.compile traces, the
+    strides it sees come from the ops' stride rules, which a kernel may not follow (GroupNorm's
+    backward returns a contiguous gradient where the rule says otherwise): there two view ops
+    that mean the same whatever the strides."""
+    if torch.compiler.is_compiling():
+        return tensor.unflatten(0, (groups, -1)).transpose(1, 2)
     size, stride = list(tensor.shape), list(tensor.stride())
     n = size[0] // groups
     return tensor.as_strided([groups, size[1], n, *size[2:]], [n * stride[0], stride[1], stride[0], *stride[2:]])
@@ -35,7 +42,8 @@ def _grouped(tensor: Tensor, groups: int) -> Tensor:
 
 def _ungrouped(values: Tensor, like: Tensor, groups: int) -> Tensor:
     """A [g, C, n, *S] result as a [B, C, *S] tensor in `like`'s dtype and memory format: one copy."""
-    if values.dtype == like.dtype and like.is_contiguous():
+    if (values.dtype == like.dtype and like.is_contiguous() and values.is_contiguous()
+            and not torch.compiler.is_compiling()):
         g, c, n, *rest = values.shape
         copy = torch.as_strided_copy(values, [g, n, c, *rest],
                                      [values.stride(0), values.stride(2), values.stride(1), *values.stride()[3:]])
@@ -88,9 +96,10 @@ def group_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
     if batch % groups != 0:
         raise ValueError(f"a batch of {batch} is not divisible by bn_groups={groups}")
     if running_mean is not None:
-        # torch's own update from group 0 (its momentum rule and unbiased variance), bit-equal
-        # to a plain BatchNorm pass on that group; the statistics it returns are not needed.
-        torch.batch_norm_update_stats(input[:batch // groups], running_mean, running_var, momentum)
+        # torch's own update from group 0 (its momentum rule and unbiased variance): a plain
+        # BatchNorm pass on that group, whose output is not needed (its kernel, unlike the
+        # statistics-only one, also traces under torch.compile).
+        torch.native_batch_norm(input[:batch // groups], None, None, running_mean, running_var, True, momentum, eps)
     return _GroupBatchNorm.apply(input, weight, bias, groups, eps)
 
 

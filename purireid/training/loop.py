@@ -162,6 +162,15 @@ class StepSettings:
     steps: int | None = None
 
 
+def compiled_network(net: torch.nn.Module, mode: bool | str) -> torch.nn.Module:
+    """`net` under torch.compile as train.compile says: False = eager, True = torch.compile's
+    default mode, "reduce-overhead" = also CUDA graphs on a GPU. The network (group BatchNorm
+    included) traces as one graph forward and backward (tests/test_compile.py holds it to that)."""
+    if mode is False:
+        return net
+    return torch.compile(net, mode=None if mode is True else mode)
+
+
 def _step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, active: Sequence[LossTerm],
           settings: StepSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimiser step on the view-weighted sum of the active terms: returns the views'
@@ -399,8 +408,7 @@ def train(
     if ctx.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if train_cfg["compile"]:  # the steps only: evaluation and labelling use the eager `model`
-        net = torch.compile(net)
+    net = compiled_network(net, train_cfg["compile"])  # the steps only: labelling and evaluation use `model`
 
     def test_accuracy() -> dict:
         # The headline metrics (mAP, mINP, Rank-1/5/10): the CMC up to rank 10 is enough.
