@@ -20,11 +20,13 @@ from purireid.data.datasets import load_market_layout
 from purireid.data.loaders import open_image_cache
 from purireid.data.samplers import epoch_rng
 from purireid.data.transforms import (
-    ERASE_VALUE, IMAGENET_MEAN, IMAGENET_STD, AugParams, augment_batch, augment_batched, augment_pil,
-    load_resized, normalise_batch, sample_augmentation,
+    ERASE_VALUE, IMAGENET_MEAN, IMAGENET_STD, augment_batch, augment_batched, augment_pil, load_resized,
+    sample_augmentation,
 )
 from purireid.runtime.dispatch import count_ops
 from purireid.stages import prepare_dataset
+
+from augment_reference import per_sample_augment
 
 
 # --------------------------------------------------------------------------- samplers
@@ -192,23 +194,6 @@ def test_synthetic_in_parallel_is_the_same_dataset(synth, tmp_path):
     assert summary == json.loads((base / "synthetic.json").read_text())
 
 
-def _per_sample_reference(images: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
-    """The per-sample implementation the batched one replaced (one window copy and one erase per sample)."""
-    b, height, width, _ = images.shape
-    out = torch.zeros_like(images)
-    for i in range(b):
-        src = images[i].flip(1) if p.flip[i] else images[i]
-        oy, ox = int(p.dy[i]) - pad, int(p.dx[i]) - pad
-        r0, r1 = max(0, -oy), min(height, height - oy)
-        c0, c1 = max(0, -ox), min(width, width - ox)
-        out[i, r0:r1, c0:c1] = src[r0 + oy:r1 + oy, c0 + ox:c1 + ox]
-    x = normalise_batch(out)
-    for i in np.flatnonzero(p.erase):
-        y0, x0, h, w = int(p.ey[i]), int(p.ex[i]), int(p.eh[i]), int(p.ew[i])
-        x[i, :, y0:y0 + h, x0:x0 + w] = torch.tensor(ERASE_VALUE).view(3, 1, 1)
-    return x
-
-
 @pytest.mark.parametrize("pad", [10, 2])
 def test_both_batched_paths_equal_the_per_sample_reference_and_pil(pad):
     """The CPU path and the fixed-op path (what an accelerator runs) give the per-sample
@@ -218,7 +203,7 @@ def test_both_batched_paths_equal_the_per_sample_reference_and_pil(pad):
     images = torch.from_numpy(rng.integers(0, 256, (40, h, w, 3), dtype=np.uint8))
     p = sample_augmentation(np.random.default_rng(9), 40, h, w, pad=pad)
     assert p.flip.any() and p.erase.any() and (p.dx == 0).any() and (p.dx == 2 * pad).any()
-    reference = _per_sample_reference(images, p, pad)
+    reference = per_sample_augment(images, p, pad)
     pil = torch.stack([augment_pil(Image.fromarray(im.numpy()), p, i, pad=pad) for i, im in enumerate(images)])
     assert torch.equal(reference, pil)
     assert torch.equal(augment_batch(images, p, pad=pad), reference)
@@ -226,13 +211,12 @@ def test_both_batched_paths_equal_the_per_sample_reference_and_pil(pad):
 
 
 def test_batched_augmentation_takes_a_fixed_handful_of_ops():
-    """The same number of tensor ops (each a launch on an accelerator) at any batch size, at most 40."""
+    """On an accelerator: the same number of tensor ops (each a launch) at any batch size, at most 40."""
     counts = set()
     for batch in (32, 256, 512):
         images = torch.zeros(batch, 24, 12, 3, dtype=torch.uint8)
         p = sample_augmentation(np.random.default_rng(batch), batch, 24, 12, pad=4)
         counts.add(count_ops(lambda: augment_batched(images, p, pad=4)).total)
-        assert count_ops(lambda: augment_batch(images, p, pad=4)).total <= 40
     assert len(counts) == 1 and counts.pop() <= 40
 
 def _loader(root, **kw):

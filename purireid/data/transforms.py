@@ -139,8 +139,8 @@ def augment_batch(images: torch.Tensor, p: AugParams, pad: int = PAD) -> torch.T
 
     Same result as `augment_pil` on every sample. On an accelerator the whole batch takes a
     fixed handful of tensor ops whatever its size (`augment_batched`: every op is a launch the
-    host issues). On a CPU the host does the work itself, and numpy's per-sample window copies
-    (no tensor dispatch) are several times faster than a batched gather there.
+    host issues). On a CPU the host does the work itself, and per-sample window copies are
+    several times faster there than a batched gather (`_augment_numpy`).
     """
     if images.device.type == "cpu":
         return _augment_numpy(images, p, pad)
@@ -149,18 +149,22 @@ def augment_batch(images: torch.Tensor, p: AugParams, pad: int = PAD) -> torch.T
 
 def _augment_numpy(images: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
     """`augment_batch` on a CPU: flip + pad + crop as one window copy per sample into a black
-    canvas (uint8), one batched normalisation, one rectangle write per erased sample."""
-    src = images.numpy()
-    b, height, width, _ = src.shape
-    out = np.zeros_like(src)
+    canvas (uint8), one batched normalisation, one rectangle write per erased sample. numpy copies
+    the unflipped windows (no tensor dispatch, and its fresh zero canvas costs nothing until
+    written); torch's flip kernel the flipped ones (numpy's reversed 3-byte pixels are slower)."""
+    b, height, width, _ = images.shape
+    out = np.zeros(tuple(images.shape), dtype=np.uint8)
+    canvas, src = torch.from_numpy(out), images.numpy()
     for i in range(b):
-        img = src[i, :, ::-1] if p.flip[i] else src[i]
         # Output pixel (r, c) is padded pixel (r + dy, c + dx) = source pixel (r + dy - pad, c + dx - pad).
         oy, ox = int(p.dy[i]) - pad, int(p.dx[i]) - pad
         r0, c0 = max(0, -oy), max(0, -ox)
         r1, c1 = max(r0, min(height, height - oy)), max(c0, min(width, width - ox))  # empty past the border
-        out[i, r0:r1, c0:c1] = img[r0 + oy:r1 + oy, c0 + ox:c1 + ox]
-    x = _normalise_nhwc(torch.from_numpy(out))
+        if p.flip[i]:
+            canvas[i, r0:r1, c0:c1] = images[i].flip(1)[r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+        else:
+            out[i, r0:r1, c0:c1] = src[i, r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+    x = _normalise_nhwc(canvas)
     values, xs = np.array(ERASE_VALUE, dtype=np.float32).reshape(3, 1, 1), x.numpy()
     for i in np.flatnonzero(p.erase):
         y0, x0, h, w = int(p.ey[i]), int(p.ex[i]), int(p.eh[i]), int(p.ew[i])
