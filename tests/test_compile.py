@@ -41,7 +41,7 @@ def _forward_backward(net: nn.Module, images: torch.Tensor) -> tuple[dict, dict]
     out = net(images)
     sum((out[v] * (i + 1)).sum() for i, v in enumerate(VIEWS)).backward()
     return ({v: out[v].detach() for v in VIEWS},
-            {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in net.named_parameters()})
+            {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
 
 
 def test_group_batchnorm_traces_as_one_graph_forward_and_backward():
@@ -101,7 +101,7 @@ def test_resnet18_with_group_batchnorm_compiles_without_a_graph_break():
     model = build_model("resnet18", "none", bn_groups=4).train()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out, grads = _forward_backward(compiled, torch.randn(8, 3, 32, 16))
-    assert set(out) == set(VIEWS) and all(torch.isfinite(g).all() for g in grads.values())
+    assert set(out) == set(VIEWS) and len(grads) > 50 and all(torch.isfinite(g).all() for g in grads.values())
 
 
 def test_eager_is_the_default():
