@@ -140,14 +140,14 @@ def augment_batch(images: torch.Tensor, p: AugParams, pad: int = PAD) -> torch.T
     Same result as `augment_pil` on every sample. On an accelerator the whole batch takes a
     fixed handful of tensor ops whatever its size (`augment_batched`: every op is a launch the
     host issues). On a CPU the host does the work itself, and per-sample window copies are
-    several times faster there than a batched gather (`_augment_numpy`).
+    several times faster there than a batched gather (`_augment_on_cpu`).
     """
     if images.device.type == "cpu":
-        return _augment_numpy(images, p, pad)
+        return _augment_on_cpu(images, p, pad)
     return augment_batched(images, p, pad)
 
 
-def _augment_numpy(images: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
+def _augment_on_cpu(images: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
     """`augment_batch` on a CPU: flip + pad + crop as one window copy per sample into a black
     canvas (uint8), one batched normalisation, one rectangle write per erased sample. numpy copies
     the unflipped windows (no tensor dispatch, and its fresh zero canvas costs nothing until
