@@ -3,12 +3,13 @@
 A training step of the multi-view ResNet (forward of the three views, a memory-style
 cross-entropy per view, backward, Adam step) on random images, per memory layout
 (contiguous, channels_last), for bn_groups 1 (plain BatchNorm), bn_groups G with the
-copy-free implementation (purireid.model.batchnorm) and bn_groups G with the reshape
-implementation it replaced (tests/batchnorm_reference.py). The cases run interleaved, round
+project's implementation (purireid.model.batchnorm: one GroupNorm kernel per direction for all
+groups) and bn_groups G with the reshape implementation of the released code's replicas
+(tests/batchnorm_reference.py). The cases run interleaved, round
 after round, so a change of load hits all of them alike; each line gives the median and the
 fastest step and the cost over bn_groups 1 in the same layout (of the medians).
 
-    python benchmarks/bench_batchnorm.py                      # ResNet-18 64x32 batch 32, CPU (issue 23's check)
+    python benchmarks/bench_batchnorm.py                      # ResNet-18 64x32 batch 32, CPU
     python benchmarks/bench_batchnorm.py --device cuda --amp --arch resnet50 --height 256 --width 128 --batch 256
 
 The CPU may be shared: the 1-minute load average is printed before and after; --wait-load L

@@ -23,18 +23,19 @@ import torch
 from purireid import VIEWS
 from purireid.runtime.distributed import DistContext
 from purireid.model.network import build_model
-from purireid.training.loop import StepSettings, train_one_epoch
+from purireid.training.loop import StepSettings, compiled_network, train_one_epoch
 from purireid.training.losses import view_weights
 from purireid.training.terms import EpochTargets
 from purireid.training.terms.memory import MemoryTerm
 
 
 def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int, *, instances: int = 4,
-                      bn_groups: int = 1, compile: bool = False, device: str = "cpu", amp: bool = False,
+                      bn_groups: int = 1, compile: bool | str = False, device: str = "cpu", amp: bool = False,
                       channels_last: bool = False) -> float:
     """The trainer's own step (purireid.training.loop.train_one_epoch) on random images already on
     `device`: a batch of batch / instances pseudo-ids x `instances` images, the memory term on all
-    views, as train_teacher runs it (bf16 autocast and channels_last on CUDA when asked)."""
+    views, as train_teacher runs it (bf16 autocast and channels_last on CUDA when asked); `compile`:
+    train.compile (False, True or "reduce-overhead")."""
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_model(arch, "none", bn_groups).to(dev).train()
@@ -46,7 +47,7 @@ def step_images_per_s(arch: str, batch: int, steps: int, height: int, width: int
     memory = MemoryTerm(temperature=0.05, rounds=instances)
     memory.start_epoch(EpochTargets(labels, features, labels * 0, int(labels.max()) + 1, 0.1, dev))
     batches = [(torch.randn(batch, 3, height, width, device=dev), torch.arange(batch))]
-    net = torch.compile(model) if compile else model
+    net = compiled_network(model, compile)
     settings = StepSettings(view_weights(0.2), amp=amp, channels_last=channels_last)
     ctx = DistContext(device=dev)
 
@@ -86,8 +87,11 @@ def main() -> None:
     parser.add_argument("--epoch-config", type=Path, default=Path(__file__).resolve().parents[1] / "config.yaml")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
-    parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile "
-                        "(train.compile; the first call compiles and is not timed)")
+    parser.add_argument("--compile", nargs="*", choices=["default", "reduce-overhead"], default=None,
+                        help="also time the step under torch.compile in these modes (train.compile: default = "
+                        "true, reduce-overhead = CUDA graphs; no mode given: default); the first calls compile "
+                        "and are not timed")
+    parser.add_argument("--no-eager", action="store_true", help="time only the compiled modes")
     parser.add_argument("--no-epoch", action="store_true", help="skip the epoch breakdown")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (images already there)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, train.amp)")
@@ -100,14 +104,17 @@ def main() -> None:
     height, width = args.size
     if args.device != "cpu":
         print(f"# {torch.cuda.get_device_name()}, amp {args.amp}, channels_last {args.channels_last}")
+    compiled_modes = [] if args.compile is None else [{"default": True}.get(m, m) for m in args.compile or ["default"]]
+    modes = ([] if args.no_eager else [False]) + compiled_modes  # train.compile's values
     for arch in args.archs:
         for groups in args.bn_groups:
-            for compiled in (False, True) if args.compile else (False,):
+            for compiled in modes:
                 rate = step_images_per_s(arch, args.batch, args.steps, height, width, instances=args.instances,
                                          bn_groups=groups, compile=compiled, device=args.device, amp=args.amp,
                                          channels_last=args.channels_last)
-                print(f"teacher step {arch:9s} {height}x{width} batch {args.batch} bn_groups {groups}"
-                      f"{' compiled' if compiled else ''}: {rate:7.1f} images/s ({1e3 * args.batch / rate:.1f} ms/step)",
+                mode = {False: "", True: " compiled"}.get(compiled, f" compiled {compiled}")
+                print(f"teacher step {arch:9s} {height}x{width} batch {args.batch} bn_groups {groups}{mode}: "
+                      f"{rate:7.1f} images/s ({1e3 * args.batch / rate:.1f} ms/step)",
                       flush=True)
     for r in ([] if args.no_epoch else epoch_breakdown(args.epoch_config, args.epochs)):
         total = r["extract_s"] + r["cluster_s"] + r["train_s"]

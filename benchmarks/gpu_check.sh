@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU device check of issue 23 in one script, for whoever has a CUDA machine at hand: what
+# The GPU device check in one script, for whoever has a CUDA machine at hand: what
 # `purireid doctor` sees, the embedded demo DAG on CUDA, the Market-1501 recipe's DAG for 2
 # epochs on a small synthetic set, benchmarks/bench_gpu.py (the recipe at Market-1501 size),
 # pseudo labels at N = 12,936 and 32,621, exact query search over 100,000 x 2048, and the group
 # BatchNorm step cost (benchmarks/bench_batchnorm.py), and the trainer's step (bench_training.py,
-# eager and compiled). About 9 minutes on one H200; each part
-# has a timeout and the whole a budget (GPU_CHECK_BUDGET, default 540 s): a part that would
-# start with less than 20 s left is skipped, and says so.
+# eager, and compiled in train.compile's default and CUDA-graph modes). About 13 minutes on one
+# H200 in all; each part has a timeout and the whole a budget (GPU_CHECK_BUDGET, default 540 s,
+# so the last parts may be skipped: --only picks them): a part that would start with less than
+# 20 s left is skipped, and says so.
 #
 #   bash benchmarks/gpu_check.sh              # from the repository's root
 #   bash benchmarks/gpu_check.sh --dry-run    # the plan and cheap checks only (any machine)
 #   bash benchmarks/gpu_check.sh --only bench_gpu,batchnorm
+#   bash benchmarks/gpu_check.sh --only step,step_compiled,batchnorm   # the step's host work
 #
 # Writes to "${OUT:-benchmarks/out/gpu_check}": gpu_check.log (everything, part by part),
 # summary.txt (each part's status and seconds) and bench_gpu.json; the runs' own files go to
@@ -106,10 +108,10 @@ part environment 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 part doctor 60 "$PY -m purireid.serving.cli doctor"
 
 # The trainer's own step (train_one_epoch) at the Market-1501 recipe's shape on random images
-# already on the GPU: issue 23's headline (>= 5,000 images/s with bn_groups 4), eager and under
-# torch.compile (train.compile).
-part step 200 "$PY benchmarks/bench_training.py --device cuda --amp --channels-last --archs resnet50 \
-  --batch 256 --instances 16 --steps 20 --bn-groups 4 1 --compile --no-epoch"
+# already on the GPU, eager: the headline (>= 5,000 images/s with bn_groups 4). Under
+# torch.compile (train.compile: default and reduce-overhead = CUDA graphs): part step_compiled.
+part step 120 "$PY benchmarks/bench_training.py --device cuda --amp --channels-last --archs resnet50 \
+  --batch 256 --instances 16 --steps 20 --bn-groups 4 1 --no-epoch"
 
 # The embedded demo (config.yaml: ResNet-18 64x32, synthetic 60 + 30 identities) on CUDA.
 part demo_dag 150 "$PY -m snakemake --cores all --config device=cuda results_dir=$WORK/demo/results \
@@ -161,10 +163,16 @@ PYEOF"
 part batchnorm 120 "$PY benchmarks/bench_batchnorm.py --device cuda --amp --arch resnet50 --height 256 --width 128 \
   --batch 256 --steps 5 --warmup 2"
 
+# The same step compiled, in both of train.compile's modes, at bn_groups 4 and 1 (each compiles
+# first, a minute or two, untimed): last, as it may take what is left of the budget.
+part step_compiled 300 "$PY benchmarks/bench_training.py --device cuda --amp --channels-last --archs resnet50 \
+  --batch 256 --instances 16 --steps 20 --bn-groups 4 1 --compile default reduce-overhead --no-eager --no-epoch"
+
 if [ "$DRY_RUN" = 1 ]; then  # the cheap checks: imports, the scripts' options, both DAGs' configs
   DRY_RUN=0
   part dry_run_checks 120 "$PY -c 'import purireid.stages, purireid.serving.search' && \
     $PY benchmarks/bench_gpu.py --help >/dev/null && $PY benchmarks/bench_batchnorm.py --help >/dev/null && \
+    $PY benchmarks/bench_training.py --help >/dev/null && \
     $PY benchmarks/bench_pseudo_labels.py --help >/dev/null && echo 'scripts and imports: ok' && \
     $PY -m snakemake -n --quiet rules --config device=cuda results_dir=$WORK/demo/results data_root=$WORK/demo/data && \
     $PY -m snakemake -n --quiet rules --configfile config/presets/market1501.yaml $WORK/market_small.yaml"

@@ -1,5 +1,6 @@
-"""Group BatchNorm (model.bn_groups) without copies: equal to the reshape implementation it
-replaced (tests/batchnorm_reference.py) to float rounding, in both memory layouts."""
+"""Group BatchNorm (model.bn_groups) in a fixed handful of ops per layer: equal to the reshape
+implementation of the released code's DataParallel replicas (tests/batchnorm_reference.py) to
+float rounding, in both memory layouts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchnorm_reference import reshape_implementation
 from purireid import VIEWS
+from purireid.model import batchnorm
 from purireid.model.batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, group_batch_norm
 from purireid.model.network import build_model
 
@@ -116,20 +118,44 @@ class _FullSizeOps(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
-def test_one_pass_for_the_output_no_copies(layout):
-    """Forward: one elementwise pass writes the output (the statistics are per-group reductions),
-    views for the rest. Backward: torch's kernel per group, concatenated."""
-    bn, shape = _module("2d", 4, 0.1)
+def _layer_ops(groups: int, layout: torch.memory_format) -> tuple[list, list, list]:
+    """One layer's forward and backward: every aten op, and those writing a full-size tensor."""
+    bn, shape = _module("2d", groups, 0.1)
     x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_(True)
-    with _FullSizeOps(x.numel()) as forward:
+    with _FullSizeOps(0) as every, _FullSizeOps(x.numel()) as forward:
         y = bn.train()(x)
     grad = torch.ones_like(y)
-    with _FullSizeOps(x.numel()) as backward:
+    with _FullSizeOps(0) as every_backward, _FullSizeOps(x.numel()) as backward:
         y.backward(grad)
-    free = ("unflatten", "view", "detach", "empty_like")  # views and allocations: no pass over the data
-    assert [op for op in forward.ops if op not in free] == ["addcmul"], forward.ops
-    assert [op for op in backward.ops if op not in free] == ["cat"], backward.ops
+    return every.ops + every_backward.ops, forward.ops, backward.ops
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_the_same_few_ops_for_any_number_of_groups(layout):
+    """All groups in one native kernel each way, plus one copy back to the input's layout: the
+    ops a layer dispatches do not grow with the groups (no per-group loop)."""
+    ops2, forward, backward = _layer_ops(2, layout)
+    ops4, forward4, backward4 = _layer_ops(4, layout)
+    assert ops2 == ops4 and forward == forward4 and backward == backward4
+    free = ("as_strided", "_unsafe_view", "detach", "empty_like")  # views and allocations
+    copy = "as_strided_copy" if layout == torch.contiguous_format else "copy_"
+    assert [op for op in forward if op not in free] == ["native_group_norm", copy], forward
+    assert [op for op in backward if op not in free] == ["native_group_norm_backward", copy], backward
+    plain, _, _ = _layer_ops(1, layout)
+    assert len(ops4) <= len(plain) + (7 if layout == torch.contiguous_format else 9), (ops4, plain)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_bf16_data_converted_for_kernels_of_one_dtype(monkeypatch, layout):
+    """Where GroupNorm's kernels take one dtype (an accelerator's), bf16 activations are converted
+    to the fp32 parameters' dtype and the results back: the same values as the mixed-dtype kernel."""
+    mixed, _, _ = _both("2d", 4, 0.1, layout, input_dtype=torch.bfloat16)
+    monkeypatch.setattr(batchnorm, "_one_dtype", lambda device: True)
+    converted, _, _ = _both("2d", 4, 0.1, layout, input_dtype=torch.bfloat16)
+    for key, value in mixed.items():
+        assert converted[key].dtype == value.dtype, key
+        torch.testing.assert_close(converted[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert converted["out"].is_contiguous(memory_format=layout)
 
 
 def test_indivisible_batch_names_bn_groups():

@@ -72,6 +72,6 @@ def test_gpu_check_script_plans_every_part_and_its_configs_resolve(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     planned = [line.split()[0] for line in summary if " planned " in line]
     assert planned == ["environment", "doctor", "step", "demo_dag", "market_dag", "bench_gpu", "pseudo_labels",
-                       "search", "batchnorm"]
+                       "search", "batchnorm", "step_compiled"]
     assert summary[-1].startswith("dry_run_checks ok"), summary
     assert "scripts and imports: ok" in (tmp_path / "out" / "gpu_check.log").read_text()

@@ -20,10 +20,13 @@ from purireid.data.datasets import load_market_layout
 from purireid.data.loaders import open_image_cache
 from purireid.data.samplers import epoch_rng
 from purireid.data.transforms import (
-    ERASE_VALUE, IMAGENET_MEAN, IMAGENET_STD, augment_batch, augment_pil, load_resized,
+    ERASE_VALUE, IMAGENET_MEAN, IMAGENET_STD, augment_batch, augment_batched, augment_pil, load_resized,
     sample_augmentation,
 )
+from purireid.runtime.dispatch import count_ops
 from purireid.stages import prepare_dataset
+
+from augment_reference import per_sample_augment
 
 
 # --------------------------------------------------------------------------- samplers
@@ -110,7 +113,7 @@ def test_batched_augmentation_equals_pil_path(pad):
     pil = torch.stack([augment_pil(im, p, i, pad=pad) for i, im in enumerate(imgs)])
     batch = augment_batch(torch.from_numpy(np.stack([np.array(im) for im in imgs])), p, pad=pad)
     assert batch.shape == (64, 3, h, w) and batch.dtype == torch.float32
-    torch.testing.assert_close(batch, pil, rtol=0, atol=1e-6)
+    assert torch.equal(batch, pil)
     i = int(np.flatnonzero(p.erase)[0])
     patch = batch[i, :, p.ey[i]:p.ey[i] + p.eh[i], p.ex[i]:p.ex[i] + p.ew[i]]
     assert torch.allclose(patch, torch.tensor(ERASE_VALUE).view(3, 1, 1).expand_as(patch))
@@ -190,6 +193,32 @@ def test_synthetic_in_parallel_is_the_same_dataset(synth, tmp_path):
     assert _digest(tmp_path / "parallel") == _digest(base)
     assert summary == json.loads((base / "synthetic.json").read_text())
 
+
+@pytest.mark.parametrize("pad", [10, 2])
+def test_both_batched_paths_equal_the_per_sample_reference_and_pil(pad):
+    """The CPU path and the fixed-op path (what an accelerator runs) give the per-sample
+    implementation's and the PIL path's tensors bit for bit."""
+    h, w = 48, 24
+    rng = np.random.default_rng(8)
+    images = torch.from_numpy(rng.integers(0, 256, (40, h, w, 3), dtype=np.uint8))
+    p = sample_augmentation(np.random.default_rng(9), 40, h, w, pad=pad)
+    assert p.flip.any() and p.erase.any() and (p.dx == 0).any() and (p.dx == 2 * pad).any()
+    reference = per_sample_augment(images, p, pad)
+    pil = torch.stack([augment_pil(Image.fromarray(im.numpy()), p, i, pad=pad) for i, im in enumerate(images)])
+    assert torch.equal(reference, pil)
+    assert torch.equal(augment_batch(images, p, pad=pad), reference)
+    assert torch.equal(augment_batched(images, p, pad=pad), reference)
+
+
+def test_batched_augmentation_takes_a_fixed_handful_of_ops():
+    """On an accelerator: the same number of tensor ops (each a launch) at any batch size, at most 40."""
+    counts = set()
+    for batch in (32, 256, 512):
+        images = torch.zeros(batch, 24, 12, 3, dtype=torch.uint8)
+        p = sample_augmentation(np.random.default_rng(batch), batch, 24, 12, pad=4)
+        counts.add(count_ops(lambda: augment_batched(images, p, pad=4)).total)
+    assert len(counts) == 1 and counts.pop() <= 40
+
 def _loader(root, **kw):
     recs = load_dataset("synthetic", root)["train"]
     base = dict(height=32, width=16, batch_size=8, num_instances=2, iters=3, seed=7)
@@ -208,7 +237,7 @@ def test_train_loader_crops_with_the_configured_border(synth, tmp_path):
     for k, (a, b, c) in enumerate(zip(pil.epoch(2, labels), cached.epoch(2, labels), paper.epoch(2, labels))):
         params = sample_augmentation(epoch_rng(7, 2, 1, k), 8, 32, 16, pad=1)
         torch.testing.assert_close(b[0], augment_batch(images[b[1]], params, pad=1), rtol=0, atol=0)
-        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
+        assert torch.equal(a[0], b[0])
         assert torch.equal(a[1], c[1]) and not torch.allclose(b[0], c[0])
 
 

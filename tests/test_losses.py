@@ -139,6 +139,27 @@ def test_update_with_the_samplers_rounds_equals_the_checked_update():
         short.raise_if_rounds_overflowed("train.num_instances")
 
 
+def test_the_memory_term_updates_all_views_at_once_as_each_view_alone():
+    """The memory term's one pass over the stacked views' tables gives each view's memory bit for
+    bit the update of that view alone (and overflowing rounds are counted once, per occurrence)."""
+    from purireid.training.terms import EpochTargets, GatheredBatch
+    from purireid.training.terms.memory import MemoryTerm
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    features = {v: _unit(10, 8, seed=20 + i) for i, v in enumerate(VIEWS)}
+    term = MemoryTerm(temperature=0.05, rounds=2)
+    term.start_epoch(EpochTargets(labels, features, labels * 0, 5, 0.2, torch.device("cpu")))
+    alone = {v: ClusterMemory(term.memories[v].memory.clone(), momentum=0.2) for v in VIEWS}
+    indices = torch.tensor([3, 2, 0, 1, 6, 2, 9])  # label 1 three times: one occurrence past 2 rounds
+    batch = {v: _unit(7, 8, seed=30 + i) for i, v in enumerate(VIEWS)}
+    term.after_step(GatheredBatch(batch, indices))
+    for v in VIEWS:
+        alone[v].update(batch[v], torch.from_numpy(labels)[indices], rounds=2)
+        assert torch.equal(term.memories[v].memory, alone[v].memory), v
+    with pytest.raises(RuntimeError, match="^1 memory updates were skipped"):
+        term.end_epoch()
+
+
 def test_occurrence_rank():
     y = torch.tensor([3, 1, 3, 3, 0, 1, 7])
     assert _occurrence_rank(y).tolist() == [0, 0, 1, 2, 0, 1, 0]

@@ -56,11 +56,18 @@ def load_resized(source: str | Path | Image.Image, height: int, width: int) -> I
         return im.convert("RGB").resize((width, height), Image.BICUBIC)
 
 
+class RandomErasing(NamedTuple):
+    """Random erasing's settings (docs/method.md): probability, area share range, least aspect."""
+
+    p: float = 0.5
+    area: tuple[float, float] = (0.02, 0.4)
+    min_aspect: float = 0.3
+
+
 def sample_augmentation(rng: np.random.Generator, n: int, height: int, width: int, *,
-                        pad: int = PAD, flip_p: float = 0.5, erase_p: float = 0.5,
-                        erase_area: tuple[float, float] = (0.02, 0.4),
-                        erase_min_aspect: float = 0.3) -> AugParams:
+                        pad: int = PAD, flip_p: float = 0.5, erasing: RandomErasing = RandomErasing()) -> AugParams:
     """Draw the random parameters of n train samples (flip, crop offsets, erased rectangle)."""
+    erase_p, erase_area, erase_min_aspect = erasing
     flip = rng.random(n) < flip_p
     dy = rng.integers(0, 2 * pad + 1, n)
     dx = rng.integers(0, 2 * pad + 1, n)
@@ -130,26 +137,74 @@ def _normalise_nhwc(images: torch.Tensor) -> torch.Tensor:
 def augment_batch(images: torch.Tensor, p: AugParams, pad: int = PAD) -> torch.Tensor:
     """Batched train augmentation: uint8 [B, H, W, 3] (any device) -> normalised float32 [B, 3, H, W].
 
-    Same result as `augment_pil` on every sample. Flip + pad + crop is one window copy per
-    sample into a zero (black) canvas, on uint8; normalisation is one batched pass; erasing
-    writes one rectangle per sample. Per-sample slicing keeps the CPU cost near memcpy
-    (an index-gather over the whole batch was ~20x slower on a CPU).
+    Same result as `augment_pil` on every sample. On an accelerator the whole batch takes a
+    fixed handful of tensor ops whatever its size (`augment_batched`: every op is a launch the
+    host issues). On a CPU the host does the work itself, and per-sample window copies are
+    several times faster there than a batched gather (`_augment_on_cpu`).
     """
+    if images.device.type == "cpu":
+        return _augment_on_cpu(images, p, pad)
+    return augment_batched(images, p, pad)
+
+
+def _augment_on_cpu(images: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
+    """`augment_batch` on a CPU: flip + pad + crop as one window copy per sample into a black
+    canvas (uint8), one batched normalisation, one rectangle write per erased sample. numpy copies
+    the unflipped windows (no tensor dispatch, and its fresh zero canvas costs nothing until
+    written); torch's flip kernel the flipped ones (numpy's reversed 3-byte pixels are slower)."""
     b, height, width, _ = images.shape
-    out = torch.zeros_like(images)
+    out = np.zeros(tuple(images.shape), dtype=np.uint8)
+    canvas, src = torch.from_numpy(out), images.numpy()
     for i in range(b):
-        src = images[i].flip(1) if p.flip[i] else images[i]
         # Output pixel (r, c) is padded pixel (r + dy, c + dx) = source pixel (r + dy - pad, c + dx - pad).
         oy, ox = int(p.dy[i]) - pad, int(p.dx[i]) - pad
-        r0, r1 = max(0, -oy), min(height, height - oy)
-        c0, c1 = max(0, -ox), min(width, width - ox)
-        out[i, r0:r1, c0:c1] = src[r0 + oy:r1 + oy, c0 + ox:c1 + ox]
-    x = _normalise_nhwc(out)
-    value = torch.tensor(ERASE_VALUE, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        r0, c0 = max(0, -oy), max(0, -ox)
+        r1, c1 = max(r0, min(height, height - oy)), max(c0, min(width, width - ox))  # empty past the border
+        if p.flip[i]:
+            canvas[i, r0:r1, c0:c1] = images[i].flip(1)[r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+        else:
+            out[i, r0:r1, c0:c1] = src[i, r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+    x = _normalise_nhwc(canvas)
+    values, xs = np.array(ERASE_VALUE, dtype=np.float32).reshape(3, 1, 1), x.numpy()
     for i in np.flatnonzero(p.erase):
         y0, x0, h, w = int(p.ey[i]), int(p.ex[i]), int(p.eh[i]), int(p.ew[i])
-        x[i, :, y0:y0 + h, x0:x0 + w] = value
+        xs[i, :, y0:y0 + h, x0:x0 + w] = values
     return x
+
+
+def _window_starts(p: AugParams, b: int, height: int, width: int, pad: int) -> np.ndarray:
+    """Per output row (b, r): the pixel, in the flattened padded batch, where its window of
+    `width` pixels starts. A flipped sample reads the mirrored window (reversed afterwards):
+    output column c of the flipped, padded, cropped image is padded column Wp - 1 - c - dx."""
+    hp, wp = height + 2 * pad, width + 2 * pad
+    x0 = np.where(p.flip, wp - width - p.dx, p.dx)
+    rows = np.arange(b)[:, None] * hp + np.arange(height)[None] + p.dy[:, None]
+    return (rows * wp + x0[:, None]).reshape(-1)
+
+
+def augment_batched(images: torch.Tensor, p: AugParams, pad: int = PAD) -> torch.Tensor:
+    """`augment_batch` in a fixed number of tensor ops whatever the batch size (the parameters'
+    index arithmetic runs on the host on [B, H] / [B, W] arrays and travels in one copy):
+    pad, one row gather over an overlapping view of every pixel's window, one `where` for the
+    flipped rows, the normalisation, one `where` for the erased rectangles."""
+    b, height, width, _ = images.shape
+    rows, cols = np.arange(height), np.arange(width)
+    erase_rows = (rows >= p.ey[:, None]) & (rows < (p.ey + p.eh)[:, None])
+    erase_cols = (cols >= p.ex[:, None]) & (cols < (p.ex + p.ew)[:, None])
+    n = b * height
+    host = np.concatenate([_window_starts(p, b, height, width, pad), np.repeat(p.flip, height),
+                           erase_rows.reshape(-1), erase_cols.reshape(-1)])
+    small = torch.from_numpy(host).to(images.device, non_blocking=True)
+    starts, flip, small = small[:n], small[n:2 * n].bool(), small[2 * n:].bool()
+    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad)).contiguous()
+    # Every pixel's window of `width` pixels, overlapping rows of one view (no copy).
+    windows = padded.as_strided((padded.numel() // 3 - width + 1, width * 3), (3, 1))
+    crops = windows.index_select(0, starts).view(n, width, 3)
+    crops = torch.where(flip.view(n, 1, 1), crops.flip(1), crops)
+    x = _normalise_nhwc(crops.view(b, height, width, 3))
+    erased = small[:n].view(b, 1, height, 1) & small[n:].view(b, 1, 1, width)
+    value = torch.tensor(ERASE_VALUE, dtype=x.dtype).to(x.device, non_blocking=True).view(1, 3, 1, 1)
+    return torch.where(erased, value, x)
 
 
 def normalise_batch(images: torch.Tensor) -> torch.Tensor:

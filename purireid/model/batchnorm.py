@@ -1,10 +1,14 @@
 """Group ("ghost") BatchNorm: training-mode statistics per group of batch / bn_groups images,
 what each replica of the authors' 4-GPU DataParallel computed (model.bn_groups).
 
-The groups are the leading dimension of a [g, n, C, *S] view of the batch, which is free in
-the contiguous and the channels_last layouts alike: the statistics come from the native
-kernels on each group's slice, the output is one elementwise pass over the view (in the
-input's memory format), and the backward runs the native BatchNorm backward per group.
+Per-group BatchNorm of a [B, C, *S] batch is GroupNorm with one channel per group on the
+[g, C, n, *S] view of it (g groups of n samples: a transpose of the free [g, n, C, *S] view):
+the statistics of every (group, channel) over its n images and *S positions are that view's
+"group" statistics, and the affine parameters are per channel in both. So each direction is one
+native kernel for all groups, plus the copy back to the input's layout, whatever the number of
+groups (no per-group loop: the host issues the same handful of ops for every layer). The running
+statistics are updated by torch's own kernel from group 0, exactly as a plain BatchNorm pass on
+that group would.
 """
 
 from __future__ import annotations
@@ -16,68 +20,68 @@ from torch.autograd.function import once_differentiable
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "group_batch_norm", "set_bn_groups"]
 
 
-def _per_channel(values: Tensor, ndim: int) -> Tensor:
-    """[g, C] -> [g, 1, C, 1, ...]: broadcastable against the [g, n, C, *S] view of the batch."""
-    return values.view(values.shape[0], 1, values.shape[1], *([1] * (ndim - 3)))
+def _one_dtype(device: torch.device) -> bool:
+    """Whether torch's GroupNorm kernels on `device` need the data in the parameters' dtype (its
+    CPU kernels take bf16 data with fp32 parameters; the others are not relied on to)."""
+    return device.type != "cpu"
 
 
-def _group_statistics(groups: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                      factor: float) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance, [g, C], of each group of the [g, n, C, *S] view; the running
-    statistics (when given) are updated from group 0 by torch's own kernel (its momentum rule
-    and the unbiased variance), i.e. exactly as a plain BatchNorm pass on group 0 would."""
-    stats_dtype = torch.promote_types(groups.dtype, torch.float32)
-    scratch: tuple[Tensor, Tensor] | None = None
-    means, variances = [], []
-    for k in range(groups.shape[0]):
-        mean_buf, var_buf = (running_mean, running_var) if k == 0 else (None, None)
-        if mean_buf is None and groups.dtype != stats_dtype:
-            # Without fp32 buffers the kernel returns bf16/fp16 statistics; the buffers it
-            # updates here are thrown away.
-            if scratch is None:
-                channels = groups.shape[2]
-                scratch = (groups.new_zeros(channels, dtype=stats_dtype), groups.new_ones(channels, dtype=stats_dtype))
-            mean_buf, var_buf = scratch
-        mean, var = torch.batch_norm_update_stats(groups[k], mean_buf, var_buf, factor)
-        means.append(mean)
-        variances.append(var)
-    return torch.stack(means), torch.stack(variances)
+def _grouped(tensor: Tensor, groups: int) -> Tensor:
+    """[B, C, *S] -> the [g, C, n, *S] view (g groups of n consecutive samples), any layout.
+
+    Eagerly one strided view from the tensor's own strides. While torch.compile traces, the
+    strides it sees come from the ops' stride rules, which a kernel may not follow (GroupNorm's
+    backward returns a contiguous gradient where the rule says otherwise): there two view ops
+    that mean the same whatever the strides."""
+    if torch.compiler.is_compiling():
+        return tensor.unflatten(0, (groups, -1)).transpose(1, 2)
+    size, stride = list(tensor.shape), list(tensor.stride())
+    n = size[0] // groups
+    return tensor.as_strided([groups, size[1], n, *size[2:]], [n * stride[0], stride[1], stride[0], *stride[2:]])
+
+
+def _ungrouped(values: Tensor, like: Tensor, groups: int) -> Tensor:
+    """A [g, C, n, *S] result as a [B, C, *S] tensor in `like`'s dtype and memory format: one copy."""
+    if (values.dtype == like.dtype and like.is_contiguous() and values.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        g, c, n, *rest = values.shape
+        copy = torch.as_strided_copy(values, [g, n, c, *rest],
+                                     [values.stride(0), values.stride(2), values.stride(1), *values.stride()[3:]])
+        # not a view for autograd: the caller may modify the output in place (ReLU(inplace=True))
+        return torch.ops.aten._unsafe_view(copy, like.shape)
+    out = torch.empty_like(like)
+    _grouped(out, groups).copy_(values)
+    return out
 
 
 class _GroupBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None,  # noqa: A002
-                running_mean: Tensor | None, running_var: Tensor | None, groups: int, factor: float,
-                eps: float) -> Tensor:
-        view = input.unflatten(0, (groups, -1))
-        mean, var = _group_statistics(view, running_mean, running_var, factor)
-        # 1 / sqrt(var + eps) in float64 as torch's CPU kernel has it (bit-equal outputs there)
-        invstd = (var.double() + eps).sqrt().reciprocal().to(var.dtype)
-        # y = x * scale + shift, per group and channel: one pass over the batch.
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
-        output = torch.empty_like(input)
-        torch.addcmul(_per_channel(shift, view.dim()), view, _per_channel(scale, view.dim()),
-                      out=output.unflatten(0, (groups, -1)))
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.groups, ctx.eps = groups, eps
-        return output
+                groups: int, eps: float) -> Tensor:
+        view = _grouped(input, groups)
+        if weight is not None and view.dtype != weight.dtype and _one_dtype(view.device):
+            # converted in the copy the kernel would make anyway (it reads a contiguous tensor)
+            view = view.to(weight.dtype, memory_format=torch.contiguous_format)
+        channels = input.shape[1]
+        spread = input.numel() // (groups * channels)  # n images x *S positions per (group, channel)
+        y, mean, rstd = torch.native_group_norm(view, weight, bias, groups, channels, spread, channels, eps)
+        ctx.save_for_backward(view, weight, mean, rstd)
+        ctx.groups, ctx.spread = groups, spread
+        return _ungrouped(y, input, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        input, weight, mean, invstd = ctx.saved_tensors  # noqa: A001
-        groups = ctx.groups
+        x, weight, mean, rstd = ctx.saved_tensors
+        groups, channels = ctx.groups, x.shape[1]
         wants = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        x, dy = input.unflatten(0, (groups, -1)), grad_output.unflatten(0, (groups, -1))
-        # torch's own training-mode backward on each group (its statistics are the group's).
-        parts = [torch.ops.aten.native_batch_norm_backward(dy[k], x[k], weight, None, None, mean[k], invstd[k],
-                                                           True, ctx.eps, wants)
-                 for k in range(groups)]
-        grad_input = torch.cat([p[0] for p in parts]) if wants[0] else None
-        grad_weight = torch.stack([p[1] for p in parts]).sum(0) if wants[1] else None
-        grad_bias = torch.stack([p[2] for p in parts]).sum(0) if wants[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        dy = _grouped(grad_output, groups)
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype, memory_format=torch.contiguous_format)
+        dx, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            dy, x, mean, rstd, weight, groups, channels, ctx.spread, channels, wants)
+        grad_input = _ungrouped(dx, grad_output, groups) if wants[0] else None
+        return grad_input, grad_weight if wants[1] else None, grad_bias if wants[2] else None, None, None
 
 
 def group_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,  # noqa: A002
@@ -85,11 +89,18 @@ def group_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Te
                      eps: float) -> Tensor:
     """Training-mode ``F.batch_norm`` with statistics per group of ``batch / groups`` consecutive
     samples; the running statistics (updated in place, like F.batch_norm) come from the first
-    group. ``input``: [B, C, *S] in any memory format, which the output keeps."""
+    group. ``input``: [B, C, *S] in any memory format, which the output keeps.
+
+    Eight parameters: F.batch_norm's own (less `training`) plus the groups."""
     batch = input.shape[0]
     if batch % groups != 0:
         raise ValueError(f"a batch of {batch} is not divisible by bn_groups={groups}")
-    return _GroupBatchNorm.apply(input, weight, bias, running_mean, running_var, groups, momentum, eps)
+    if running_mean is not None:
+        # torch's own update from group 0 (its momentum rule and unbiased variance): a plain
+        # BatchNorm pass on that group, whose output is not needed (its kernel, unlike the
+        # statistics-only one, also traces under torch.compile).
+        torch.native_batch_norm(input[:batch // groups], None, None, running_mean, running_var, True, momentum, eps)
+    return _GroupBatchNorm.apply(input, weight, bias, groups, eps)
 
 
 class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -52,7 +52,7 @@ from purireid.runtime.precision import autocast_context
 from purireid.runtime.signals import GracefulTermination, TerminationRequested
 from purireid.training.advice import settings_advice
 from purireid.training.losses import view_weights
-from purireid.training.run_parts import ModelUnderTraining, PeriodicEvaluation, RunLog, RunState
+from purireid.training.run_parts import ModelUnderTraining, PeriodicEvaluation, RunLog, RunState, compiled_network
 from purireid.training.terms import Batch, EpochTargets, GatheredBatch, LossTerm, build_terms, weighted_view_sum
 
 log = get_logger("train")
@@ -157,22 +157,35 @@ class StepSettings:
     steps: int | None = None
 
 
-class NonFiniteLoss:
-    """The first step whose loss was not finite, tracked on the device (no host read per step)."""
+def _step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, active: Sequence[LossTerm],
+          settings: StepSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step on the view-weighted sum of the active terms: returns the views'
+    features (detached) and the step's logged values [loss, each term's views] on the device."""
+    with autocast_context(batch.images.device, settings.amp):
+        out = net(batch.images)
+    out = {v: out[v].float() for v in VIEWS}
+    values = [(t, t(out, batch)) for t in active]
+    loss = weighted_view_sum([(t.weight, v) for t, v in values], settings.view_weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():  # the logged values, without a detach each
+        logged = torch.stack([loss, *(value[v] for _, value in values for v in VIEWS)])
+    return {v: out[v].detach() for v in VIEWS}, logged
 
-    def __init__(self, device: torch.device) -> None:
-        self.step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss so far finite
-        self.value = torch.zeros((), dtype=torch.float32, device=device)
 
-    def observe(self, loss: torch.Tensor, step: int) -> None:
-        first = ~torch.isfinite(loss) & (self.step < 0)
-        self.step = torch.where(first, step, self.step)
-        self.value = torch.where(first, loss.detach().float(), self.value)
-
-    def raise_if_seen(self, epoch: int) -> None:
-        step, value = torch.stack([self.step.double(), self.value.double()]).tolist()
-        if step >= 0:
-            raise FloatingPointError(f"epoch {epoch}, step {int(step)}: the loss became {value}; lower train.lr")
+def _epoch_sums(logged: Sequence[torch.Tensor], positions: torch.Tensor, size: int, epoch: int) -> list[float]:
+    """The sums over the steps of the logged values (in float64), read once; a non-finite loss
+    raises FloatingPointError naming the epoch and the first step where it occurred."""
+    if not logged:
+        return [0.0] * size
+    steps = torch.stack(logged)
+    losses = steps[:, 0].tolist()
+    bad = next((i for i, value in enumerate(losses) if not np.isfinite(value)), None)
+    if bad is not None:
+        raise FloatingPointError(f"epoch {epoch}, step {bad}: the loss became {losses[bad]}; lower train.lr")
+    sums = torch.zeros(size, dtype=torch.float64, device=steps.device)
+    return sums.index_add_(0, positions, steps.double().sum(0)).tolist()
 
 
 def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -182,10 +195,10 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     view-weighted sum of the terms (`weighted_view_sum`); after each step every term updates its
     state with the whole global batch.
 
-    Nothing is read back from the device inside the loop: the logged values are summed there and
-    read once at the end, where a non-finite loss raises FloatingPointError naming the epoch and
-    step. Returns the mean per step of "loss" and of every term's "<name>_<view>" (0 for a term
-    of weight 0), averaged over the ranks.
+    Nothing is read back from the device inside the loop: each step's logged values stay there
+    and are read once at the end, where a non-finite loss raises FloatingPointError naming the
+    epoch and step. Returns the mean per step of "loss" and of every term's "<name>_<view>" (0 for
+    a term of weight 0), averaged over the ranks.
     """
     device = ctx.device
     net.train()
@@ -194,9 +207,7 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer,
     slots = {key: i for i, key in enumerate(keys)}
     # Where each step's logged values go (a term of weight 0 is not computed: its sums stay 0).
     positions = torch.tensor([0] + [slots[key] for t in active for key in t.log_keys()], device=device)
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
-    non_finite = NonFiniteLoss(device)
-    done = 0
+    logged: list[torch.Tensor] = []
     bar = Progress(settings.steps, f"epoch {settings.epoch}", enabled=ctx.is_main)  # a bar on a terminal, else log lines
     for images, indices in batches:
         if stop is not None:
@@ -205,30 +216,20 @@ def train_one_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer,
         if device.type == "cuda" and settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         batch = Batch(images, indices.to(device, non_blocking=True))
-        with autocast_context(device, settings.amp):
-            out = net(images)
-        out = {v: out[v].float() for v in VIEWS}
-        values = [(t, t(out, batch)) for t in active]
-        loss = weighted_view_sum([(t.weight, v) for t, v in values], settings.view_weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        features, values = _step(net, optimizer, batch, active, settings)
+        logged.append(values)
         # The terms' states must see the whole global batch, in batch order, on every rank.
-        gathered = GatheredBatch({v: ctx.all_gather_equal(out[v].detach()) for v in VIEWS},
+        gathered = GatheredBatch({v: ctx.all_gather_equal(features[v]) for v in VIEWS},
                                  ctx.all_gather_equal(batch.indices))
         for t in terms:
             t.after_step(gathered)
-        logged = [loss.detach(), *(value[v].detach() for _, value in values for v in VIEWS)]
-        sums.index_add_(0, positions, torch.stack(logged).double())
-        non_finite.observe(loss, done)
-        done += 1
         bar.update(1)
     bar.close()
-    non_finite.raise_if_seen(settings.epoch)
+    sums = _epoch_sums(logged, positions, len(keys), settings.epoch)
     for t in terms:
         t.end_epoch()
-    sums = ctx.all_reduce_mean(dict(zip(keys, sums.tolist())))  # each rank's losses are means over its share
-    return {key: value / max(done, 1) for key, value in sums.items()}
+    means = ctx.all_reduce_mean(dict(zip(keys, sums)))  # each rank's losses are means over its share
+    return {key: value / max(len(logged), 1) for key, value in means.items()}
 
 
 @dataclass

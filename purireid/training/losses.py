@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CameraProxyMemory", "ClusterMemory", "camera_proxy_labels", "distillation_loss", "view_weights"]
+from purireid import VIEWS
+
+__all__ = ["CameraProxyMemory", "ClusterMemory", "camera_proxy_labels", "distillation_loss", "sequential_update_",
+           "view_weights"]
 
 
 class ClusterMemory(nn.Module):
@@ -61,30 +64,7 @@ class ClusterMemory(nn.Module):
         `raise_if_rounds_overflowed`). None: worked out from `targets`, checking their range."""
         if self.momentum == 1.0:  # frozen: leave the memory bit-for-bit unchanged
             return
-        x = features.detach().to(device=self.table.device, dtype=self.table.dtype)
-        y = targets.detach().to(self.table.device).long()
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{x.shape[0]} features but {y.shape[0]} targets")
-        if x.shape[0] == 0:
-            return
-        # The sequential update only chains samples that share a label; different labels
-        # touch different rows and commute. So process "rounds": round r updates, in one
-        # batched step, the r-th occurrence (in batch order) of every label. Same
-        # arithmetic per row as the sample-by-sample loop; rounds = max multiplicity
-        # (16 for a 16 x 16 batch) instead of 256 steps.
-        occurrence = _occurrence_rank(y)
-        if rounds is None:
-            if int(y.min()) < 0 or int(y.max()) >= self.num_clusters:
-                raise ValueError(f"targets must lie in [0, {self.num_clusters}), got {y.min()}..{y.max()}")
-            rounds = int(occurrence.max()) + 1
-        else:
-            self.skipped += (occurrence >= rounds).sum()
-        mu = self.momentum
-        scratch = torch.full_like(y, self.num_clusters)
-        for r in range(rounds):
-            m = self.table[y] * mu + x * (1.0 - mu)
-            rows = torch.where(occurrence == r, y, scratch)  # labels are unique within a round
-            self.table.index_copy_(0, rows, m / m.norm(dim=1, keepdim=True))
+        self.skipped += sequential_update_(self.table, features, targets, self.momentum, rounds)
 
     def raise_if_rounds_overflowed(self, key: str) -> None:
         """After an epoch of `update(rounds=...)`: raise if a batch held more images of one label
@@ -93,6 +73,44 @@ class ClusterMemory(nn.Module):
         if skipped:
             raise RuntimeError(f"{skipped} memory updates were skipped: a batch held more images of one "
                                f"pseudo-identity than {key}")
+
+
+@torch.no_grad()
+def sequential_update_(table: Tensor, features: Tensor, targets: Tensor, momentum: float,
+                       rounds: int | None) -> Tensor:
+    """`ClusterMemory.update` on a table [..., C + 1, D] (last row: scratch) from features
+    [..., B, D] with the same leading dimensions (several memories that share their targets, e.g.
+    the views' memories stacked, in one pass) and targets [B], in place. Returns how many
+    occurrences `rounds` left out (a device tensor; 0 when `rounds` is None: worked out).
+
+    The sequential update only chains samples that share a label; different labels touch
+    different rows and commute. So it runs in "rounds": round r updates, in one batched step,
+    the r-th occurrence (in batch order) of every label; positions outside the round write the
+    scratch row. Same arithmetic per row as the sample-by-sample loop; rounds = the largest
+    multiplicity (16 for a 16 x 16 batch) instead of 256 steps.
+    """
+    x = features.to(device=table.device, dtype=table.dtype)
+    y = targets.to(table.device).long()
+    if x.shape[-2] != y.shape[0]:
+        raise ValueError(f"{x.shape[-2]} features but {y.shape[0]} targets")
+    scratch = table.shape[-2] - 1
+    if y.shape[0] == 0:
+        return torch.zeros((), dtype=torch.long, device=table.device)
+    occurrence = _occurrence_rank(y)
+    if rounds is None:
+        if int(y.min()) < 0 or int(y.max()) >= scratch:
+            raise ValueError(f"targets must lie in [0, {scratch}), got {y.min()}..{y.max()}")
+        rounds = int(occurrence.max()) + 1
+        skipped = torch.zeros((), dtype=torch.long, device=table.device)
+    else:
+        skipped = (occurrence >= rounds).sum()
+    x = x * (1.0 - momentum)
+    # The rows each round writes (labels are unique within a round), all rounds at once.
+    rows = torch.where(occurrence == torch.arange(rounds, device=y.device).unsqueeze(1), y, scratch)
+    for r in range(rounds):
+        m = table.index_select(-2, y) * momentum + x
+        table.index_copy_(-2, rows[r], m / m.norm(dim=-1, keepdim=True))
+    return skipped
 
 
 def camera_proxy_labels(labels: np.ndarray, camids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

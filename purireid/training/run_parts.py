@@ -35,6 +35,15 @@ from purireid.runtime.signals import TerminationRequested, exit_status
 log = get_logger("train")
 
 
+def compiled_network(net: torch.nn.Module, mode: bool | str) -> torch.nn.Module:
+    """`net` under torch.compile as train.compile says: False = eager, True = torch.compile's
+    default mode, "reduce-overhead" = also CUDA graphs on a GPU. The network (group BatchNorm
+    included) traces as one graph forward and backward (tests/test_compile.py holds it to that)."""
+    if mode is False:
+        return net
+    return torch.compile(net, mode=None if mode is True else mode)
+
+
 @dataclass
 class ModelUnderTraining:
     """The model (eager, unwrapped: labelling, evaluation and checkpoints use it), its Adam optimiser
@@ -75,9 +84,7 @@ class ModelUnderTraining:
         if ctx.distributed:
             net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        if train_cfg["compile"]:
-            net = torch.compile(net)
-        return net
+        return compiled_network(net, train_cfg["compile"])
 
 
 class RunLog:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from purireid import VIEWS
 from purireid.labels.cluster import cluster_centres
-from purireid.training.losses import ClusterMemory
+from purireid.training.losses import ClusterMemory, sequential_update_
 from purireid.training.terms.base import Batch, EpochTargets, GatheredBatch, LossTerm, check_labels_fit, labels_on
 
 
@@ -27,6 +27,7 @@ class MemoryTerm(LossTerm):
         # class's images together), so the sequential memory update takes that many rounds.
         self.rounds = rounds
         self.memories: dict[str, ClusterMemory] = {}
+        self.table: Tensor | None = None  # the views' tables stacked, [views, C + 1, D]
         self.labels: Tensor | None = None
 
     @classmethod
@@ -40,15 +41,23 @@ class MemoryTerm(LossTerm):
         self.memories = {v: ClusterMemory(cluster_centres(targets.labels, targets.features[v]).to(targets.device),
                                           temperature=self.temperature, momentum=targets.memory_momentum)
                          for v in VIEWS}
+        # One stacked table, each view's memory a view of it: one update pass for all views
+        # (same targets, momentum and rounds), the same arithmetic per row.
+        self.table = torch.stack([self.memories[v].table for v in VIEWS])
+        for i, v in enumerate(VIEWS):
+            self.memories[v].table = self.table[i]
 
     def __call__(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         targets = self.labels[batch.indices]
         return {v: self.memories[v](out[v], targets) for v in VIEWS}
 
     def after_step(self, gathered: GatheredBatch) -> None:
-        targets = self.labels[gathered.indices]
-        for v in VIEWS:
-            self.memories[v].update(gathered.features[v], targets, rounds=self.rounds)
+        first = self.memories[VIEWS[0]]
+        if first.momentum == 1.0:  # frozen: the memories stay bit-for-bit unchanged
+            return
+        features = torch.stack([gathered.features[v] for v in VIEWS])
+        first.skipped += sequential_update_(self.table, features, self.labels[gathered.indices], first.momentum,
+                                            self.rounds)
 
     def end_epoch(self) -> None:
         for memory in self.memories.values():
