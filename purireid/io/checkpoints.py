@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from purireid import __version__
+from purireid.config.dag import TRAINED_BY
 from purireid.config.resolve import without_execution_keys
 from purireid.io.files import sha256_file, torch_load, torch_save_atomic, write_yaml_atomic
 from purireid.log import get_logger
@@ -38,7 +39,17 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # The fix when a checkpoint given by a person cannot be used (the stages give their own).
 CHECKPOINT_FIX = ("give the model.pth written by the train_teacher or train_student rule "
                   "(results/<dataset>/student/model.pth)")
-STAGE_CHECKPOINT_FIX = "rerun the stage that writes it"
+DAMAGED_ZIP = ("a zip archive, as torch.save writes, cut short or corrupted (e.g. copied partly, or "
+               "written by another program onto a full disk)")
+
+
+def stage_checkpoint_fix(path: str | Path) -> str:
+    """The fix for a damaged or foreign stage checkpoint: the command that rebuilds it. A plain
+    rerun would not: the file is newer than its inputs."""
+    rule = {**TRAINED_BY, "source": "pretrain_source"}.get(Path(path).parent.name)
+    if rule is None:
+        return "rebuild it with snakemake --forcerun RULE, RULE the rule that writes it"
+    return f"rebuild it with snakemake --forcerun {rule}"
 
 
 class CheckpointError(ValueError):
@@ -75,7 +86,7 @@ def image_list_digest(paths: Sequence[str]) -> str:
 def file_kind(path: str | Path) -> str:
     """What `path` is, from its first bytes (nothing is loaded): "missing", "folder", "empty
     folder", "empty file", "hdf5", "torch" (a torch.save file), "torchscript", "onnx", "text",
-    "unreadable" or "binary"."""
+    "damaged" (a zip archive, as torch.save writes, that cannot be opened), "unreadable" or "binary"."""
     path = Path(path)
     if path.is_dir():
         return "folder" if any(path.iterdir()) else "empty folder"
@@ -95,7 +106,7 @@ def file_kind(path: str | Path) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
-            return "binary"
+            return "damaged"  # a zip archive (as torch.save writes) cut short or corrupted
         if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
             return "torchscript"
         return "torch" if any(n.endswith("/data.pkl") for n in names) else "binary"
@@ -139,6 +150,7 @@ def describe_file(path: str | Path) -> str:
         "onnx": "an ONNX model (run with onnxruntime)",
         "text": "a text file",
         "unreadable": "a file this user cannot read",
+        "damaged": DAMAGED_ZIP,
     }.get(kind, "a binary file of an unknown format")
 
 
@@ -149,6 +161,8 @@ def require_kind(path: Path, kind: str, role: str, expected: str, fix: str, erro
     found = file_kind(path)
     if found == "missing":
         raise error(f"{role} {path}: no such file; {fix}")
+    if found == "damaged" and kind == "torch":
+        raise error(f"{role} {path} is damaged: {DAMAGED_ZIP}; {fix}")
     if found != kind:
         raise error(f"{role} {path} is {describe_file(path)}, not {expected}; {fix}")
 
@@ -206,8 +220,8 @@ def read_checkpoint(path: str | Path, *, fix: str = CHECKPOINT_FIX) -> Checkpoin
         obj = torch_load(path)
     except Exception as exc:  # noqa: BLE001 - truncated zip, a pickle with code, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is a PyTorch file that cannot be read as a purireid checkpoint "
-                              f"(damaged, or it needs code to load: {first[:160]}); {fix}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged, or a PyTorch file that needs code to load "
+                              f"({first[:160]}); {fix}") from None
     if not (isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS)):
         raise CheckpointError(f"checkpoint {path} is {_describe_torch_object(obj)}, not a purireid checkpoint; {fix}")
     data = obj["config"].get("data", {}) if isinstance(obj["config"], dict) else {}
@@ -240,7 +254,7 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, config: Mapp
 
 def load_model_checkpoint(path: str | Path, device: torch.device, bn_groups: int = 1) -> torch.nn.Module:
     """Rebuild a model from a stage checkpoint (random init, then the stored weights) on `device`."""
-    return read_checkpoint(path, fix=STAGE_CHECKPOINT_FIX).model(bn_groups).to(device)
+    return read_checkpoint(path, fix=stage_checkpoint_fix(path)).model(bn_groups).to(device)
 
 
 # --------------------------------------------------------------------------- resume state
