@@ -43,6 +43,7 @@ from purireid.runtime.distributed import DistContext
 from purireid.evaluation.metrics import HEADLINE_KEYS, HEADLINE_RANKS, headline_metrics
 from purireid.evaluation.inference import autocast_context
 from purireid.io.files import sha256_file, write_jsonl
+from purireid.io.tensorboard import write_event_file
 from purireid.labels.sources import LabelSource, label_source as make_label_source
 from purireid.log import Progress, get_logger
 from purireid.training.losses import view_weights
@@ -448,6 +449,7 @@ def train(
                         "next_epoch_index": plan.index + 1, "log": records, "best_map": best_map,
                     })
                     write_jsonl(log_jsonl, records)
+                    write_event_file(log_jsonl, records)  # TensorBoard's copy, when it is installed
                     plot_training_curve(curve_png, records, title)
                 ctx.barrier()
         except TerminationRequested as exc:
