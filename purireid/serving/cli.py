@@ -107,6 +107,13 @@ def writable_output(path: str | Path, *, option: str = "--out", folder: bool = F
     return path
 
 
+def _replacing(command: str, path: str | Path) -> None:
+    """Say, before the work, that an existing --out file will be replaced (atomically, once the new
+    one is complete: until then, and if the command fails, the old file stays)."""
+    if Path(path).is_file():
+        _say(f"{command}: {path} exists; it is replaced once the new file is complete")
+
+
 # --------------------------------------------------------------------------- extract
 
 
@@ -114,6 +121,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from purireid.serving.api import FeatureExtractor, InputError, collect_images, write_feature_file
 
     writable_output(args.out)
+    _replacing("extract", args.out)
     images = collect_images(args.images, root=args.root, split=args.split)
     fx = FeatureExtractor(args.checkpoint, device=args.device, views=args.views, batch_size=args.batch_size,
                           workers=args.workers, cpu_fast_path=False if args.no_fold else None)
@@ -246,6 +254,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from purireid.serving.export import export_model
 
     writable_output(args.out)
+    _replacing("export", args.out)
     report = export_model(args.checkpoint, args.out, fmt=args.format, views=args.views, opset=args.opset,
                           tolerance=args.tolerance)
     height, width = report.input_size
