@@ -203,9 +203,17 @@ def report_subcategory(model):
     return subcategory
 
 
-# Drawn by `make rulegraph`, beside the Snakefile whatever --directory is (not built by a rule);
-# relative to the working directory, so that a run in the checkout names no machine's folders.
-RULEGRAPH_SVG = os.path.relpath(Path(workflow.basedir) / "docs" / "rulegraph.svg")
+# Drawn by `make rulegraph`, beside the Snakefile whatever --directory is (not built by a rule).
+# The summary job finds it beside its script and gets its digest as a param (a redrawn graph
+# reruns the job), not its path as an input or param: a report lists a rule's inputs and params,
+# and this path says where the checkout is.
+RULEGRAPH_SVG = Path(workflow.basedir) / "docs" / "rulegraph.svg"
+
+
+def rulegraph_digest():
+    from purireid.io.files import sha256_file
+
+    return sha256_file(RULEGRAPH_SVG) if RULEGRAPH_SVG.is_file() else "missing"
 
 
 def summary_outputs():

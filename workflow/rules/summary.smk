@@ -17,7 +17,6 @@ rule summary:
     input:
         eval_json=expand(out("{model}", "eval.json"), model=evaluated_models()),
         log_jsonl=expand(out("{model}", "log.jsonl"), model=evaluated_models()),
-        rulegraph=RULEGRAPH_SVG,
     output:
         tsv=out("summary.tsv"),
         md=out("summary.md"),
@@ -38,6 +37,7 @@ rule summary:
     params:
         models=evaluated_models(),
         dataset=DATASET,
+        rulegraph_sha256=rulegraph_digest(),
     log:
         out("logs", "summary.log"),
     benchmark:
