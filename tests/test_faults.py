@@ -253,3 +253,12 @@ def test_without_tensorboard_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     assert write_event_file(tmp_path / "log.jsonl", RECORDS) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_doctor_names_the_config_file_that_set_a_bad_key(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("cluster:\n  epz: 0.5\n")
+    assert cli(["doctor", "--config", str(mine), "--skip-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"purireid doctor: error: {mine}: config key 'cluster.epz' is not a config key; did you mean " \
+        "'cluster.eps'?", err
