@@ -39,8 +39,8 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # The fix when a checkpoint given by a person cannot be used (the stages give their own).
 CHECKPOINT_FIX = ("give the model.pth written by the train_teacher or train_student rule "
                   "(results/<dataset>/student/model.pth)")
-DAMAGED_ZIP = ("a zip archive, as torch.save writes, cut short or corrupted (e.g. copied partly, or "
-               "written by another program onto a full disk)")
+DAMAGED_ZIP = ("a zip archive, as torch.save writes, cut short or corrupted (e.g. a partial copy, or a file "
+               "another program wrote or changed)")
 
 
 def stage_checkpoint_fix(path: str | Path) -> str:
