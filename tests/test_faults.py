@@ -18,7 +18,9 @@ import yaml
 
 from conftest import REPO, fake_snakemake, run_workflow_script, tiny_config, tmpfs_mount
 from purireid.config.check import Layer, check_layers, read_layer
-from purireid.data import DatasetError, build_image_cache, generate_synthetic, load_dataset, read_manifest, write_manifest
+from purireid.data import (
+    DatasetError, build_image_cache, generate_synthetic, load_dataset, read_manifest, write_manifest,
+)
 from purireid.io.checkpoints import CheckpointError, load_model_checkpoint, save_model_checkpoint
 from purireid.io.tensorboard import EVENT_FILE, write_event_file
 from purireid.model.network import build_model
@@ -68,7 +70,8 @@ def test_manifest_cut_mid_row_names_file_line_and_command(tmp_path, images):
     text = manifest.read_text()
     assert read_manifest(manifest)["train"] == sorted(images["splits"]["train"])
     lines = text.splitlines(keepends=True)
-    for cut, line in ((text[: len(text) - 3], len(lines)), ("".join(lines[:5]) + lines[5].rsplit(",", 1)[0] + ",\r\n", 6)):
+    empty_camid = "".join(lines[:5]) + lines[5].rsplit(",", 1)[0] + ",\r\n"  # line 6 lost its last field
+    for cut, line in ((text[: len(text) - 3], len(lines)), (empty_camid, 6)):
         manifest.write_text(cut)
         with pytest.raises(DatasetError) as info:
             read_manifest(manifest)
@@ -196,7 +199,8 @@ def test_config_refuses_each_mistake_in_one_line(tmp_path, capsys):
         "range.yaml": ("cluster:\n  eps: 5\n", "range.yaml: config key 'cluster.eps'"),
         "retired.yaml": ("train:\n  momentum: 0.2\n", "retired.yaml: config key 'train.momentum' is now "
                          "'train.memory_momentum'"),
-        "cross.yaml": ("train:\n  batch_size: 30\n", "cross.yaml: config key 'train.batch_size' (30) must be a multiple"),
+        "cross.yaml": ("train:\n  batch_size: 30\n",
+                       "cross.yaml: config key 'train.batch_size' (30) must be a multiple"),
     }
     for name, (text, expected) in cases.items():
         (tmp_path / name).write_text(text)
@@ -257,5 +261,5 @@ def test_doctor_names_the_config_file_that_set_a_bad_key(tmp_path, capsys):
     mine.write_text("cluster:\n  epz: 0.5\n")
     assert cli(["doctor", "--config", str(mine), "--skip-run"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == f"purireid doctor: error: {mine}: config key 'cluster.epz' is not a config key; did you mean " \
-        "'cluster.eps'?", err
+    expected = f"{mine}: config key 'cluster.epz' is not a config key; did you mean 'cluster.eps'?"
+    assert err.strip() == f"purireid doctor: error: {expected}", err

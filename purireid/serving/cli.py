@@ -336,8 +336,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from purireid import __version__
 
-    parser = _Parser(prog="purireid", description="Use a trained purireid model: features of "
-                     "your own images, gallery search, export; a check of this machine and of config files.", epilog=EPILOG)
+    parser = _Parser(prog="purireid", description="Use a trained purireid model: features of your own "
+                     "images, gallery search, export; a check of this machine and of config files.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"purireid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_extract, _add_search, _add_export, _add_doctor_recipes, _add_config):
