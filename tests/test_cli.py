@@ -26,7 +26,7 @@ from purireid.model.network import build_model
 from purireid.stages import evaluate
 from purireid.io.checkpoints import save_model_checkpoint
 
-SUBCOMMANDS = ("extract", "search", "export", "doctor")
+SUBCOMMANDS = ("extract", "search", "export", "doctor", "recipes", "config")
 
 
 def write_checkpoint(path: Path, config: dict, seed: int) -> Path:

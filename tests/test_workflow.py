@@ -177,7 +177,7 @@ def test_list_rules_describes_every_rule(tmp_path):
     [
         ({"train": {"epochs": 0}}, "train.epochs"),
         ({"student": {"mu": "high"}}, "student.mu"),
-        ({"cluster": {"epss": 0.5}}, "cluster"),
+        ({"cluster": {"epss": 0.5}}, "cluster.epss"),  # with the nearest key, cluster.eps
         ({"dataset": "market"}, "dataset"),
         ({"train": {"batch_size": 30, "num_instances": 4}}, "train.batch_size"),
         ({"cluster": {"eps": 1.5}}, "cluster.eps"),  # refused before any job, not by the teacher job as 'eps'

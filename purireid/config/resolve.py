@@ -163,8 +163,8 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict:
             lines.append(f"  config key '{key}': {_schema_message(err)}")
         raise ConfigError(
             "invalid configuration:\n" + "\n".join(lines)
-            + "\nFix these keys in config.yaml or in the file given with --configfile "
-            "(the schema with every key and its default is purireid/config/schemas/config.schema.yaml)."
+            + "\nEvery key and its default: purireid/config/schemas/config.schema.yaml; `purireid config FILE...` "
+            "names the file that set each key at fault."
         )
     _check_cross_keys(resolved)
     _check_dataset_kind(resolved)

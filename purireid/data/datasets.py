@@ -320,17 +320,27 @@ def write_manifest(path: str | Path, splits: Mapping[str, Sequence[Record]]) -> 
                 writer.writerow([split, rec.path, rec.pid, rec.camid])
 
 
+# A manifest is prepare_dataset's output, newer than its inputs when damaged: a plain rerun keeps it.
+MANIFEST_FIX = "fix: rewrite it with snakemake --forcerun prepare_dataset"
+
+
 def read_manifest(path: str | Path) -> dict[str, list[Record]]:
     """{'train': [...], 'query': [...], 'gallery': [...]} from a manifest.csv, in file order."""
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
     with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header != MANIFEST_HEADER:
-            raise DatasetError(f"{path}: header {header}, expected {MANIFEST_HEADER}; "
-                               f"fix: re-run the prepare stage")
-        for lineno, row in enumerate(reader, 2):
+        text = handle.read()
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or rows[0] != MANIFEST_HEADER:
+        raise DatasetError(f"{path}:1: header {rows[0] if rows else 'missing'}, expected {MANIFEST_HEADER}; "
+                           f"{MANIFEST_FIX}")
+    if not text.endswith("\n"):  # every row the writer writes ends with one: the file was cut
+        raise DatasetError(f"{path}:{len(rows)}: the file ends mid-row (cut short); {MANIFEST_FIX}")
+    for lineno, row in enumerate(rows[1:], 2):
+        try:
             if len(row) != 4 or row[0] not in splits:
-                raise DatasetError(f"{path}:{lineno}: bad row {row}; fix: re-run the prepare stage")
+                raise ValueError
             splits[row[0]].append(Record(row[1], int(row[2]), int(row[3])))
+        except ValueError:
+            raise DatasetError(f"{path}:{lineno}: bad row {row} (expected split,path,pid,camid); "
+                               f"{MANIFEST_FIX}") from None
     return splits

@@ -33,7 +33,10 @@ from purireid.data.transforms import (
     to_normalised_tensor,
 )
 from purireid.io.files import atomic_path, disk_full_error
+from purireid.log import get_logger
 from purireid.runtime.signals import ignore_stop_signals, stop_signals_blocked
+
+log = get_logger("loaders")
 
 CACHE_VERSION = 1
 _CACHE_CHUNK = 256  # rows decoded ahead of the writer
@@ -76,10 +79,15 @@ def build_image_cache(records: Sequence[Record], data_root: str | Path, cache_di
     from purireid.log import Progress
 
     path = Path(cache_dir) / f"images-{height}x{width}-{cache_key(records, data_root, height, width)}.npy"
-    if path.is_file():
-        return path
-    root = Path(data_root)
     n = len(records)
+    if path.is_file():
+        damage = cache_damage(path, (n, height, width, 3))
+        if damage is None:
+            return path
+        # Keyed on the images only, a damaged cache (a kill or a full disk while it was copied,
+        # a truncated copy) would fail every run alike: rebuilt in place.
+        log.warning("image cache %s is damaged (%s); rebuilding it", path, damage)
+    root = Path(data_root)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (n, height, width, 3)}
     needed = n * height * width * 3 + 4096  # rows + the .npy header
@@ -98,6 +106,27 @@ def build_image_cache(records: Sequence[Record], data_root: str | Path, cache_di
             handle.write(np.stack(rows).tobytes())
             bar.update(len(rows))
     return path
+
+
+def cache_damage(path: str | Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache file `path` cannot hold uint8 rows of `shape` (None when it can): its header
+    unreadable or another dtype / shape, or its size not the header's plus the rows'."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return f"unknown .npy version {version}"
+            found, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+    except (OSError, ValueError) as exc:
+        return f"unreadable header: {exc}"
+    if tuple(found) != tuple(shape) or dtype != np.uint8 or fortran:
+        return f"it holds {dtype} {tuple(found)}, expected uint8 {tuple(shape)}"
+    expected = offset + int(np.prod(shape))
+    size = os.path.getsize(path)
+    return None if size == expected else f"{size} bytes, expected {expected}"
 
 
 def open_image_cache(path: str | Path) -> np.ndarray:
@@ -276,4 +305,4 @@ def build_test_loader(records: Sequence[Record], data_root: str | Path, *, heigh
 
 
 __all__ = ["AugParams", "TrainLoader", "build_image_cache", "build_test_loader", "cache_key", "load_image",
-           "open_image_cache"]
+           "cache_damage", "open_image_cache"]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from purireid import __version__
+from purireid.config.dag import TRAINED_BY
 from purireid.config.resolve import without_execution_keys
 from purireid.io.filekinds import CHECKPOINT_KEYS, describe_torch_object, require_kind
 from purireid.io.files import sha256_file, torch_load, torch_save_atomic, write_yaml_atomic
@@ -37,7 +38,15 @@ BEST_FILE = "best.pth"
 # The fix when a checkpoint given by a person cannot be used (the stages give their own).
 CHECKPOINT_FIX = ("give the model.pth written by the train_teacher or train_student rule "
                   "(results/<dataset>/student/model.pth)")
-STAGE_CHECKPOINT_FIX = "rerun the stage that writes it"
+
+
+def stage_checkpoint_fix(path: str | Path) -> str:
+    """The fix for a damaged or foreign stage checkpoint: the command that rebuilds it. A plain
+    rerun would not: the file is newer than its inputs."""
+    rule = {**TRAINED_BY, "source": "pretrain_source"}.get(Path(path).parent.name)
+    if rule is None:
+        return "rebuild it with snakemake --forcerun RULE, RULE the rule that writes it"
+    return f"rebuild it with snakemake --forcerun {rule}"
 
 
 class CheckpointError(ValueError):
@@ -101,8 +110,8 @@ def read_checkpoint(path: str | Path, *, fix: str = CHECKPOINT_FIX) -> Checkpoin
         obj = torch_load(path)
     except Exception as exc:  # noqa: BLE001 - truncated zip, a pickle with code, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is a PyTorch file that cannot be read as a purireid checkpoint "
-                              f"(damaged, or it needs code to load: {first[:160]}); {fix}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged, or a PyTorch file that needs code to load "
+                              f"({first[:160]}); {fix}") from None
     if not (isinstance(obj, dict) and all(k in obj for k in CHECKPOINT_KEYS)):
         raise CheckpointError(f"checkpoint {path} is {describe_torch_object(obj)}, not a purireid checkpoint; {fix}")
     data = obj["config"].get("data", {}) if isinstance(obj["config"], dict) else {}
@@ -135,7 +144,7 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, config: Mapp
 
 def load_model_checkpoint(path: str | Path, device: torch.device, bn_groups: int = 1) -> torch.nn.Module:
     """Rebuild a model from a stage checkpoint (random init, then the stored weights) on `device`."""
-    return read_checkpoint(path, fix=STAGE_CHECKPOINT_FIX).model(bn_groups).to(device)
+    return read_checkpoint(path, fix=stage_checkpoint_fix(path)).model(bn_groups).to(device)
 
 
 # --------------------------------------------------------------------------- resume state

@@ -25,11 +25,14 @@ FEATURE_FILE_FORMAT = "purireid-features"
 FEATURE_KINDS = {"teacher": "the workflow's teacher-feature file of the train images",
                  "extract": "a feature file of `purireid extract`"}
 
+DAMAGED_ZIP = ("a zip archive, as torch.save writes, cut short or corrupted (e.g. a partial copy, or a file "
+               "another program wrote or changed)")
+
 
 def file_kind(path: str | Path) -> str:
     """What `path` is, from its first bytes (nothing is loaded): "missing", "folder", "empty
     folder", "empty file", "hdf5", "torch" (a torch.save file), "torchscript", "onnx", "text",
-    "unreadable" or "binary"."""
+    "damaged" (a zip archive, as torch.save writes, that cannot be opened), "unreadable" or "binary"."""
     path = Path(path)
     if path.is_dir():
         return "folder" if any(path.iterdir()) else "empty folder"
@@ -49,7 +52,7 @@ def file_kind(path: str | Path) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
-            return "binary"
+            return "damaged"  # a zip archive (as torch.save writes) cut short or corrupted
         if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
             return "torchscript"
         return "torch" if any(n.endswith("/data.pkl") for n in names) else "binary"
@@ -91,6 +94,7 @@ def describe_file(path: str | Path) -> str:
         "onnx": "an ONNX model (run with onnxruntime)",
         "text": "a text file",
         "unreadable": "a file this user cannot read",
+        "damaged": DAMAGED_ZIP,
     }.get(kind, "a binary file of an unknown format")
 
 
@@ -101,6 +105,8 @@ def require_kind(path: Path, kind: str, role: str, expected: str, fix: str, erro
     found = file_kind(path)
     if found == "missing":
         raise error(f"{role} {path}: no such file; {fix}")
+    if found == "damaged" and kind == "torch":
+        raise error(f"{role} {path} is damaged: {DAMAGED_ZIP}; {fix}")
     if found != kind:
         raise error(f"{role} {path} is {describe_file(path)}, not {expected}; {fix}")
 

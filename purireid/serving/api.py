@@ -274,6 +274,15 @@ def read_feature_file(path: str | Path) -> FeatureFile:
     return stored
 
 
+def made_from(features: FeatureFile) -> str:
+    """The checkpoint a feature file was made from, as far as it recorded it: its path, else its sha256."""
+    if features.checkpoint_path:
+        return str(features.checkpoint_path)
+    if features.checkpoint_sha256:
+        return f"the checkpoint with sha256 {features.checkpoint_sha256[:12]}… (its path is not recorded)"
+    return "an unrecorded checkpoint"
+
+
 def check_same_model(a: FeatureFile | Checkpoint, b: FeatureFile) -> None:
     """Refuse to compare features of two different checkpoints, input sizes or dimensions (naming both)."""
     def name(x: FeatureFile | Checkpoint) -> str:
@@ -292,4 +301,4 @@ def check_same_model(a: FeatureFile | Checkpoint, b: FeatureFile) -> None:
         raise InputError(
             f"{name(a)} and {name(b)} come from {' and '.join(problems)}: their features cannot be compared. "
             f"Extract both with the same checkpoint: purireid extract CHECKPOINT IMAGES... --out FILE "
-            f"(gallery {b.path} was made from {b.checkpoint_path or 'an unrecorded checkpoint'})")
+            f"(gallery {b.path} was made from {made_from(b)})")

@@ -1,5 +1,6 @@
-"""The `purireid` command: extract, search, export, doctor (argparse; the work is in purireid.serving.api,
-purireid.serving.search, purireid.serving.export and purireid.serving.doctor).
+"""The `purireid` command: extract, search, export, doctor, recipes, config (argparse; the work is in
+purireid.serving.api, purireid.serving.search, purireid.serving.export, purireid.serving.doctor and
+purireid.config.check).
 
 Exit status: 0 success, 1 failure (bad input named with its fix, an unwritable --out, a failed
 parity check, doctor findings), 2 usage errors (argparse's convention: a missing or unknown
@@ -106,6 +107,13 @@ def writable_output(path: str | Path, *, option: str = "--out", folder: bool = F
     return path
 
 
+def _replacing(command: str, path: str | Path) -> None:
+    """Say, before the work, that an existing --out file will be replaced (atomically, once the new
+    one is complete: until then, and if the command fails, the old file stays)."""
+    if Path(path).is_file():
+        _say(f"{command}: {path} exists; it is replaced once the new file is complete")
+
+
 # --------------------------------------------------------------------------- extract
 
 
@@ -113,6 +121,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from purireid.serving.api import FeatureExtractor, InputError, collect_images, write_feature_file
 
     writable_output(args.out)
+    _replacing("extract", args.out)
     images = collect_images(args.images, root=args.root, split=args.split)
     fx = FeatureExtractor(args.checkpoint, device=args.device, views=args.views, batch_size=args.batch_size,
                           workers=args.workers, cpu_fast_path=False if args.no_fold else None)
@@ -245,6 +254,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from purireid.serving.export import export_model
 
     writable_output(args.out)
+    _replacing("export", args.out)
     report = export_model(args.checkpoint, args.out, fmt=args.format, views=args.views, opset=args.opset,
                           tolerance=args.tolerance)
     height, width = report.input_size
@@ -287,17 +297,55 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from purireid.config.check import check_layers, parse_command_line, read_layer
+    from purireid.config.dag import stage_config
+    from purireid.config.resolve import ConfigError, load_schema
+    from purireid.serving.doctor import default_config_path
+
+    default = None if args.no_default else default_config_path()
+    problems, layers = [], []
+    for path, name in [*([(default, "config.yaml")] if default else []), *((f, f) for f in args.files)]:
+        try:
+            layers.append(read_layer(path, name))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    try:
+        layers += [parse_command_line(args.config)] if args.config else []
+    except ConfigError as exc:
+        problems.append(str(exc))
+    resolved, found = check_layers(layers) if not problems else (None, [])
+    for problem in problems + found:
+        print(f"purireid config: error: {problem}", file=sys.stderr)
+    if resolved is None:
+        return 1
+    merged = " + ".join(layer.name for layer in layers) or "the schema's defaults"
+    order = list(load_schema()["properties"])  # the schema's order, which the docs follow
+    values = stage_config(resolved, args.stage) if args.stage else resolved
+    values = dict(sorted(values.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+    what = f"the config job {args.stage} is given" if args.stage else "the resolved config"
+    print(f"# {what}: {merged}, checked\n" + yaml.safe_dump(values, sort_keys=False), end="")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from purireid import __version__
 
-    parser = _Parser(prog="purireid", description="Use a trained purireid model: features of "
-                     "your own images, gallery search, export, and a check of this machine.", epilog=EPILOG)
+    parser = _Parser(prog="purireid", description="Use a trained purireid model: features of your own "
+                     "images, gallery search, export; a check of this machine and of config files.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"purireid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_extract, _add_search, _add_export, _add_doctor_recipes, _add_config):
+        add(sub)
+    return parser
 
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", formatter_class=_Formatter, help="features of images into an HDF5 file",
                        description="L2-normalised features of images, written atomically into an HDF5 file with "
                        "the image paths, the checkpoint's sha256 and the input size.\n\n"
@@ -321,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "faster, features equal up to float rounding)")
     p.set_defaults(func=cmd_extract)
 
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", formatter_class=_Formatter, help="rank a gallery for query images",
                        description="Exact k nearest gallery images of each query (squared Euclidean distance of "
                        "the global features), optionally k-reciprocal re-ranked. Writes DIR/ranked.json and "
@@ -346,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true", help="for query images: leave unreadable ones out")
     p.set_defaults(func=cmd_search)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     from purireid.serving.export import DEFAULT_TOLERANCE, ONNX_OPSET
 
     p = sub.add_parser("export", formatter_class=_Formatter, help="export to ONNX or TorchScript",
@@ -365,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest allowed absolute difference of the normalised features")
     p.set_defaults(func=cmd_export)
 
+
+def _add_doctor_recipes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", formatter_class=_Formatter, help="check this machine against a config",
                        description="What this machine offers the pipeline (torch, CUDA, GPUs, bf16, faiss, "
                        "NCCL/gloo), what the config needs (device, ImageNet weights, dataset), and a few "
@@ -380,7 +434,27 @@ def build_parser() -> argparse.ArgumentParser:
                        "(purireid/config/recipes.py), with the keys each part sets; [ablation] marks the parts "
                        "the ablation rows without_<part> / with_<part> remove or add.\n\n  purireid recipes")
     p.set_defaults(func=cmd_recipes)
-    return parser
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    from purireid.config.dag import STAGES
+
+    p = sub.add_parser("config", formatter_class=_Formatter, help="check config files before a run",
+                       description="Check config files as the workflow merges them: the embedded default "
+                       "config.yaml first (as snakemake does), then each FILE in order (as --configfile FILE...), "
+                       "then --config KEY=VALUE (as snakemake --config). One line per problem, naming the file "
+                       "(and line) or the command line: YAML syntax, unknown keys with the nearest valid one, "
+                       "types, ranges, keys that must agree, retired keys; exit status 1. A good config prints "
+                       "its resolved values, or with --stage what that stage's job is given.\n\n"
+                       "  purireid config config/presets/market1501.yaml --stage train_teacher")
+    p.add_argument("files", nargs="*", metavar="FILE", help="config files, merged in order over config.yaml")
+    p.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="top-level keys as snakemake "
+                   "--config reads them, merged last")
+    p.add_argument("--stage", choices=list(STAGES), metavar="NAME", help="print only the config this stage's job "
+                   f"is given: {', '.join(STAGES)}")
+    p.add_argument("--no-default", action="store_true", help="leave the embedded config.yaml out (as snakemake "
+                   "--replace-workflow-config): the files over the schema's defaults, which are the paper's")
+    p.set_defaults(func=cmd_config)
 
 
 def _unrecognised(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> None:

@@ -64,17 +64,22 @@ def default_config_path() -> Path | None:
 
 
 def load_doctor_config(config_file: str | Path | None) -> tuple[dict, str]:
-    """The resolved config (`config_file` merged over the embedded default) and where it came from."""
-    from purireid.config.resolve import load_config
+    """The resolved config (`config_file` merged over the embedded default) and where it came from;
+    ConfigError naming the file that set each key at fault."""
+    from purireid.config.check import check_layers, read_layer
+    from purireid.config.resolve import ConfigError
 
     base = default_config_path()
-    files = [p for p in (base, config_file) if p is not None]
     if config_file is not None and not Path(config_file).is_file():
         from purireid.serving.api import InputError
 
         raise InputError(f"config file {config_file}: no such file (relative paths start at {Path.cwd()})")
-    source = " + ".join(str(p) for p in files) if files else "the schema's defaults"
-    return load_config(*files), source
+    layers = ([read_layer(base)] if base else []) + ([read_layer(config_file)] if config_file else [])
+    resolved, problems = check_layers(layers)
+    if resolved is None:
+        raise ConfigError("; ".join(problems))
+    source = " + ".join(layer.name for layer in layers) if layers else "the schema's defaults"
+    return resolved, source
 
 
 # --------------------------------------------------------------------------- machine

@@ -13,7 +13,7 @@ from purireid.runtime.distributed import DistContext, launch
 from purireid.evaluation.metrics import headline_metrics
 from purireid.io.files import write_json_atomic
 from purireid.log import get_logger
-from purireid.io.checkpoints import STAGE_CHECKPOINT_FIX, read_checkpoint
+from purireid.io.checkpoints import read_checkpoint, stage_checkpoint_fix
 from purireid.evaluation.inference import cache_dir_for, evaluate_model
 from purireid.runtime.precision import precision_in_effect
 from purireid.evaluation.reporting import RANKED_LIST_FETCH, plot_cmc, ranked_list_picture
@@ -27,7 +27,7 @@ UNITS = "mAP, mINP, rank1, rank5, rank10 and cmc are fractions in [0, 1]; x100 f
 def _worker(config: Mapping[str, Any], manifest: Path, checkpoint: Path, eval_json: Path, cmc_png: Path,
             ranked_png: Path, model_name: str, *, ctx: DistContext) -> None:
     splits = read_manifest(manifest)
-    stored = read_checkpoint(checkpoint, fix=STAGE_CHECKPOINT_FIX)
+    stored = read_checkpoint(checkpoint, fix=stage_checkpoint_fix(checkpoint))
     model = stored.model().to(ctx.device)
     settings = config["evaluate"]
     metrics = evaluate_model(model, splits, config, ctx, rerank=settings["rerank"], max_rank=settings["max_rank"],

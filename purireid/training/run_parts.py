@@ -27,6 +27,7 @@ from purireid.evaluation.reporting import plot_training_curve
 from purireid.io.checkpoints import clear_state, load_best, load_state, save_best, save_model_checkpoint, save_state
 from purireid.io.files import write_jsonl
 from purireid.io.runlog import PHASE_UNTRAINED
+from purireid.io.tensorboard import write_event_file
 from purireid.log import get_logger
 from purireid.model.network import build_model
 from purireid.runtime.distributed import DistContext, per_process_bn_groups
@@ -104,9 +105,11 @@ class RunLog:
         self.records.append(record)
 
     def write(self, *, curve: bool = True) -> None:
-        """The records so far into log.jsonl and, with `curve`, the training curve (rank 0)."""
+        """The records so far into log.jsonl (and TensorBoard's event file beside it, when the
+        optional tensorboard package is installed) and, with `curve`, the training curve (rank 0)."""
         if self.ctx.is_main:
             write_jsonl(self.log_jsonl, self.records)
+            write_event_file(self.log_jsonl, self.records)
             if curve:
                 plot_training_curve(self.curve_png, self.records, self.title)
 

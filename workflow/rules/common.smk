@@ -8,6 +8,7 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
+from purireid.config.check import COMMAND_LINE, Layer, check_layers, read_layer
 from purireid.config.dag import SOURCE_STAGES, TRAINED_BY, source_config, stage_params, stage_resources
 from purireid.config.resolve import ConfigError, check_labelled_split, resolve_config
 from purireid.config.variants import BASE_RUN, Runs, ablation_variants, describe_changes, run_configs, sweep_variants, \
@@ -20,17 +21,59 @@ from purireid.config.variants import BASE_RUN, Runs, ablation_variants, describe
 # (purireid/config/recipes.py) and every default are filled in in place.
 # The variants (ablation and sweeps, purireid/config/variants.py) are checked here too, each as a
 # whole config, naming the variant and the key.
+
+
+def shown_path(path):
+    """A config file as messages name it: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def config_layers():
+    """The layers Snakemake merged into `config`, in its order (purireid/config/check.py)."""
+    settings = workflow.config_settings
+    embedded = Path(workflow.basedir) / "config.yaml"
+    layers = [] if settings.replace_workflow_config else [read_layer(embedded, "config.yaml")]
+    layers += [read_layer(path, shown_path(str(path))) for path in settings.configfiles]
+    return layers + ([Layer(COMMAND_LINE, dict(settings.config))] if settings.config else [])
+
+
+def refuse_config(err):
+    """One line per problem, each naming the file (or the command line) that set the key and the
+    nearest valid key; printed without a traceback (a WorkflowError would add this file's frame)."""
+    try:
+        problems = check_layers(config_layers())[1] or [str(err)]
+    except ConfigError as unreadable:
+        problems = [str(unreadable)]
+    print("invalid configuration:", *problems, "(`purireid config FILE...` checks config files before a run; "
+          "every key and its default: purireid/config/schemas/config.schema.yaml)", sep="\n", file=sys.stderr)
+    sys.exit(1)
+
+
 try:
     config.update(resolve_config(config))
     RUNS = Runs(run_configs(config))
     ABLATION = ablation_variants(config)
     SWEEPS = {sweep.name: sweep for sweep in sweeps(config)}
 except ConfigError as err:
-    raise WorkflowError(str(err)) from None
+    refuse_config(err)
 
 
 DATASET = config["dataset"]
 RESULTS = f"{config['results_dir']}/{DATASET}"
+
+
+# Before the first job (not in a dry run): a results folder that cannot take files is one line,
+# not Snakemake's failure to create the first job's output folder.
+onstart:
+    from purireid.serving.api import InputError
+    from purireid.serving.cli import writable_output
+
+    try:
+        writable_output(RESULTS, option="results folder (config key 'results_dir')", folder=True)
+    except InputError as err:
+        print(f"{err}, or set results_dir", file=sys.stderr, flush=True)
+        sys.exit(1)
 MODELS = ("teacher", "student")
 
 # Whether the dataset has a labelled query/gallery split (the registry says, or for crops its
@@ -174,9 +217,17 @@ def report_subcategory(model):
     return subcategory
 
 
-# Drawn by `make rulegraph`, beside the Snakefile whatever --directory is (not built by a rule);
-# relative to the working directory, so that a run in the checkout names no machine's folders.
-RULEGRAPH_SVG = os.path.relpath(Path(workflow.basedir) / "docs" / "rulegraph.svg")
+# Drawn by `make rulegraph`, beside the Snakefile whatever --directory is (not built by a rule).
+# The summary job finds it beside its script and gets its digest as a param (a redrawn graph
+# reruns the job), not its path as an input or param: a report lists a rule's inputs and params,
+# and this path says where the checkout is.
+RULEGRAPH_SVG = Path(workflow.basedir) / "docs" / "rulegraph.svg"
+
+
+def rulegraph_digest():
+    from purireid.io.files import sha256_file
+
+    return sha256_file(RULEGRAPH_SVG) if RULEGRAPH_SVG.is_file() else "missing"
 
 
 def summary_outputs():

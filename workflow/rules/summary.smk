@@ -18,7 +18,6 @@ rule summary:
         # without a labelled split (crops without query/gallery) no eval.json: rows without metrics
         eval_json=expand(out("{model}", "eval.json"), model=summarised_models() if LABELLED else []),
         log_jsonl=expand(out("{model}", "log.jsonl"), model=summarised_models()),
-        rulegraph=RULEGRAPH_SVG,
     output:
         tsv=out("summary.tsv"),
         md=out("summary.md"),
@@ -40,6 +39,7 @@ rule summary:
         models=summarised_models(),
         dataset=DATASET,
         labelled=LABELLED,
+        rulegraph_sha256=rulegraph_digest(),
     log:
         out("logs", "summary.log"),
     benchmark:

@@ -17,6 +17,24 @@ from purireid.runtime.signals import STOPPED_STATUSES, exit_on_signals
 log = get_logger("workflow")
 
 
+def known_error(err: BaseException) -> bool:
+    """One of the project's own errors, whose message names the file or key and the fix: the rule
+    log (and Snakemake's copy of it on the console) holds that one line. Any other keeps its
+    traceback, which is what a bug report needs. (Imported here, on failure: the classes' modules
+    load torch, which a job that does not compute need not wait for.)"""
+    from purireid.config.resolve import ConfigError
+    from purireid.data.datasets import DatasetError
+    from purireid.evaluation.inference import UnreadableImage
+    from purireid.io.checkpoints import CheckpointError
+    from purireid.io.features import FeatureFileMismatch
+    from purireid.io.files import DiskFullError
+    from purireid.labels.sources import DegenerateLabels
+    from purireid.runtime.distributed import DeviceUnavailable
+
+    return isinstance(err, (ConfigError, DatasetError, CheckpointError, FeatureFileMismatch, DiskFullError,
+                            UnreadableImage, DegenerateLabels, DeviceUnavailable))
+
+
 def job_config(snakemake: Any) -> dict:
     """The config this job runs with: its rule's `params.config` (the keys that can change its
     outputs, validated once by the workflow) plus the execution-only keys its stage reads."""
@@ -43,8 +61,9 @@ def run_stage(snakemake: Any, body: Callable[[dict], None], *, torch_threads: bo
     """Log to the rule's log file and run `body(job_config(snakemake))`.
 
     First the hidden temporaries a killed run of this job left beside its outputs and in its
-    state folder (`params.state_dir`) are removed. A failure is logged (with its traceback) to
-    the rule's log file and to stderr, and the job exits with status 1. SIGTERM / SIGINT stop
+    state folder (`params.state_dir`) are removed. A failure is logged to the rule's log file and
+    to stderr, one line for the project's own errors (known_error), with its traceback for any
+    other, and the job exits with status 1. SIGTERM / SIGINT stop
     the job with status 143 / 130 and a warning, no traceback (a training job keeps its last
     epoch's state and resumes).
     """
@@ -81,6 +100,6 @@ def run_stage(snakemake: Any, body: Callable[[dict], None], *, torch_threads: bo
         log.exception("%s failed: exit status %s", name, stop.code)
         raise SystemExit(1) from None
     except BaseException as err:  # noqa: BLE001 - logged, then the job fails
-        log.exception("%s failed: %s", name, err)
+        (log.error if known_error(err) else log.exception)("%s failed: %s", name, err)
         raise SystemExit(1) from None
     log.info("%s: done", name)
