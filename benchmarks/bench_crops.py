@@ -6,8 +6,8 @@ And what do preparing and labelling 100,000 crops cost?
     python benchmarks/bench_crops.py scale [--n 100000] [--cameras 8] [--workers 2]
         [--work benchmarks/out/crops-scale]
 
-learning: each held-out set (bench_learning.VARIANTS, made by benchmarks/heldout_generator.py in
-the Market-1501 layout) is trained twice with the embedded default (config.yaml, plus any
+learning: each held-out set (bench_learning.VARIANTS, made by the heldout package in the
+Market-1501 layout) is trained twice with the embedded default (config.yaml, plus any
 --configfile): as `dataset: folder` on the original names, and as `dataset: crops` after
 benchmarks/to_crops.py moved its training images into camera folders under meaningless (hashed)
 names, query/ and gallery/ kept. Prints the teacher's and the student's query/gallery mAP of
@@ -42,24 +42,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_learning import VARIANTS  # noqa: E402  (the held-out sets, one list)
+from bench_learning import SET_FOLDER, VARIANTS, build_dataset  # noqa: E402  (the held-out sets, one list)
 from to_crops import convert  # noqa: E402
 
 TINY_SET = dict(num_train_ids=12, num_test_ids=8, images_per_id=8, num_cameras=3, camera_strength=0.5, seed=11)
-
-
-def generate_market(generator: str, params: dict, target: Path) -> None:
-    """A held-out set in the Market-1501 layout at `target` (kept when already there)."""
-    if (target / "bounding_box_train").is_dir():
-        return
-    if generator == "heldout":
-        from heldout_generator import generate_heldout  # the one import of the held-out generator here
-
-        generate_heldout(target, **params)
-    else:
-        from purireid.data.synthetic import generate_synthetic
-
-        generate_synthetic(target, **params)
 
 
 def run_workflow(work: Path, name: str, overrides: dict, configfiles: list[str], cores: int) -> dict:
@@ -86,13 +72,13 @@ def learning(args: argparse.Namespace) -> None:
     for name, (generator, params) in sets.items():
         work = args.work / name
         data = work / "data"
-        generate_market(generator, params, data / "market")
+        build_dataset(generator, params, data)  # data/<SET_FOLDER>, the Market-1501 layout
         if not (data / "crops").is_dir():
-            convert(data / "market", data / "crops", names="hashed", cameras="folders")
+            convert(data / SET_FOLDER, data / "crops", names="hashed", cameras="folders")
         for seed in args.seeds:
             maps = {}
             for kind in ("folder", "crops"):
-                prepare = {"folder_name": kind if kind == "crops" else "market"}
+                prepare = {"folder_name": kind if kind == "crops" else SET_FOLDER}
                 if kind == "folder":
                     prepare["check_counts"] = False
                 maps[kind] = run_workflow(work, f"{kind}-seed{seed}", {

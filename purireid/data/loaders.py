@@ -196,11 +196,6 @@ class TrainLoader:
     images: float32 [b, 3, height, width] normalised, on `device`; indices: int64 [b] into
     `records` (the train split); b = batch_size / world_size.
 
-    The constructor takes 17 parameters: past the records and their root, each is one config key
-    (data.height/width/workers/use_cache, train.batch_size/num_instances/iters/sampler/crop_pad,
-    seed) or one fact of the process (rank, world size, device, cache folder, progress bar), all
-    keyword-only with the paper's defaults, so a call names what it sets; grouping them would only
-    rename the config's sections.
     """
 
     def __init__(self, records: Sequence[Record], data_root: str | Path, *, height: int = 256,
@@ -208,6 +203,11 @@ class TrainLoader:
                  sampler: str = "camera", workers: int = 0, seed: int = 1, rank: int = 0,
                  world_size: int = 1, use_cache: bool = False, cache_dir: str | Path | None = None,
                  device: str | torch.device = "cpu", progress: bool = False, crop_pad: int = PAD) -> None:
+        """Over 8 parameters on purpose: past the records and their root, each is one config key
+        (data.height/width/workers/use_cache, train.batch_size/num_instances/iters/sampler/crop_pad,
+        seed) or one fact of the process (rank, world size, device, cache folder, progress bar), all
+        keyword-only with the paper's defaults, so a call names what it sets; grouping them would
+        only rename the config's sections."""
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
@@ -290,9 +290,9 @@ def build_test_loader(records: Sequence[Record], data_root: str | Path, *, heigh
                       pin_memory: bool = False) -> DataLoader:
     """Yields (images float32 [b, 3, H, W], indices int64 [b]) over `records` in order.
 
-    Nine parameters: the records and their root, then keyword-only config keys (data.height,
-    data.width, data.workers, data.use_cache, evaluate's batch size) and the process's cache folder
-    and pinning, each named at the call."""
+    Over 8 parameters on purpose: the records and their root, then keyword-only config keys
+    (data.height, data.width, data.workers, data.use_cache, evaluate's batch size) and the process's
+    cache folder and pinning, each named at the call."""
     records = list(records)
     cache_path = None
     if use_cache:
