@@ -74,6 +74,8 @@ onstart:
     except InputError as err:
         print(f"{err}, or set results_dir", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
 MODELS = ("teacher", "student")
 
 # Whether the dataset has a labelled query/gallery split (the registry says, or for crops its
@@ -82,7 +84,7 @@ MODELS = ("teacher", "student")
 try:
     LABELLED = check_labelled_split(config)
 except ConfigError as err:
-    raise WorkflowError(str(err)) from None
+    refuse_config(err)
 
 # ---------------------------------------------------------------- runs: the configured one and the variants
 #
