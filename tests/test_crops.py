@@ -22,7 +22,7 @@ from purireid.config.resolve import ConfigError, check_labelled_split, load_sche
 from purireid.data.datasets import DATASETS, UNKNOWN_PID, DatasetError, load_crops_layout, load_dataset
 from purireid.evaluation.summary import summary_rows, to_markdown
 from purireid.labels.quality import label_free_diagnostics, sample_clusters, separation_figures, spread_members
-from purireid.training.diagnostics import label_diagnostics
+from purireid.labels.diagnostics import label_diagnostics
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
