@@ -156,7 +156,9 @@ def test_imagenet_from_torch_home(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- ghost BN
 
 
-@pytest.mark.parametrize("cls,shape", [(GhostBatchNorm2d, (8, 5, 3, 2)), (GhostBatchNorm1d, (8, 6))])
+# 4 groups; the 1-d case has 4 samples per group: with 2, each normalised output is +-1 whatever the
+# input, the true input gradient is ~0 (eps alone) and float32 implementations differ by rounding noise.
+@pytest.mark.parametrize("cls,shape", [(GhostBatchNorm2d, (8, 5, 3, 2)), (GhostBatchNorm1d, (16, 6))])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_ghost_bn_equals_separate_passes(cls, shape, momentum):
     torch.manual_seed(5)
@@ -174,13 +176,14 @@ def test_ghost_bn_equals_separate_passes(cls, shape, momentum):
         p.load_state_dict(ghost.state_dict())
     x = torch.randn(*shape) * 3 + 1
     xg = x.clone().requires_grad_(True)
-    xs = [x[2 * i : 2 * i + 2].clone().requires_grad_(True) for i in range(4)]
+    n = shape[0] // 4
+    xs = [x[n * i : n * i + n].clone().requires_grad_(True) for i in range(4)]
     yg = ghost.train()(xg)
     ys = [p.train()(xi) for p, xi in zip(plain, xs)]
     torch.testing.assert_close(yg, torch.cat(ys), rtol=1e-5, atol=1e-6)
     w = torch.randn_like(yg)
     (yg * w).sum().backward()
-    sum((y * w[2 * i : 2 * i + 2]).sum() for i, y in enumerate(ys)).backward()
+    sum((y * w[n * i : n * i + n]).sum() for i, y in enumerate(ys)).backward()
     torch.testing.assert_close(xg.grad, torch.cat([xi.grad for xi in xs]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ghost.weight.grad, sum(p.weight.grad for p in plain), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ghost.bias.grad, sum(p.bias.grad for p in plain), rtol=1e-5, atol=1e-6)
