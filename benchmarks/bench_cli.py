@@ -1,4 +1,4 @@
-"""Benchmark of the `purireid` command's work (issue 13): extraction and gallery search on the CPU.
+"""Benchmark of the `purireid` command's work: extraction and gallery search on the CPU.
 
 extraction  images/s of purireid.FeatureExtractor (what `purireid extract` runs) against the
             evaluate stage's own extraction (purireid.evaluation.inference.extract_records: the

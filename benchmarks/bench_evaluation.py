@@ -1,4 +1,4 @@
-"""Benchmark of purireid.evaluation.metrics at Market-1501 and MSMT17 sizes (issue 2, item 6).
+"""Benchmark of purireid.evaluation.metrics at Market-1501 and MSMT17 sizes.
 
 Random L2-normalised 2048-d features, in two flavours:
   random     i.i.d. Gaussian directions: mAP ~0, true matches anywhere in the ranking

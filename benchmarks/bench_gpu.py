@@ -1,4 +1,4 @@
-"""Benchmark: where the time of a Market-1501-size run goes on one GPU (issue 23).
+"""Benchmark: where the time of a Market-1501-size run goes on one GPU.
 
 Runs the Market-1501 recipe (config/presets/market1501.yaml over config.yaml) at the real size,
 stage by stage as the workflow does (purireid.stages.*, in this process): prepare_dataset on a

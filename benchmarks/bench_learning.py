@@ -1,4 +1,4 @@
-"""Does the default pipeline learn on data nobody tuned it on? (issue 11)
+"""Does the default pipeline learn on data nobody tuned it on?
 
 Builds held-out datasets in the Market-1501 layout, with settings the embedded default was not
 tuned on: most from the second, independent generator (the `heldout` package), one from the

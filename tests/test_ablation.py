@@ -1,4 +1,4 @@
-"""The ablation and sweeps (issue 12): variants as config overlays sharing what they do not change,
+"""The ablation and sweeps: variants as config overlays sharing what they do not change,
 the recipe parts' rows derived from the recipe registry, their dry runs on the embedded default
 and the presets, and a tiny real run whose table rows are the variants' own eval.json."""
 

@@ -1,4 +1,4 @@
-"""DistributedDataParallel on the CPU: 2 processes with the gloo backend (issue 7).
+"""DistributedDataParallel on the CPU: 2 processes with the gloo backend.
 
 Every stage run happens in a subprocess (`python -c`, its own session, OMP threads 1) so that
 the spawned DDP children, signals and kills behave as in a workflow job. The tiny synthetic

@@ -1,4 +1,4 @@
-"""Issue 11's options: label diagnostics, camera-centred pseudo labels, the k1 warning, the
+"""The learning options: label diagnostics, camera-centred pseudo labels, the k1 warning, the
 supervised reference and source pretraining (config, workflow plan and stages)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 picture (all written atomically; the per-epoch JSON-lines log is purireid.io.files.write_jsonl).
 
 Every picture is sized for the Snakemake report, which shows an image at its natural size,
-centred: one larger than the page cannot be scrolled to its top (issue 14). So pictures
+centred: one larger than the page cannot be scrolled to its top. So pictures
 stay within `REPORT_MAX_SIZE` pixels.
 """
 

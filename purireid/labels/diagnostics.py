@@ -62,8 +62,8 @@ def k1_advice(k1: int, eps: float, mean_cluster_size: float | None) -> str | Non
     """A warning when the clusters found do not fit cluster.k1 (None when they do).
 
     The k-reciprocal lists hold k1 neighbours. Rule of thumb: k1 between 1x and 2x the typical
-    number of images per identity (the paper's 30 suits Market-1501's ~17). Issue 11's
-    diagnosis of a set with ~10 images per identity: cluster purity 0.08 at k1 30 (a few giant
+    number of images per identity (the paper's 30 suits Market-1501's ~17). Measured on
+    a set with ~10 images per identity: cluster purity 0.08 at k1 30 (a few giant
     clusters), 0.58 at k1 10. Two symptoms are visible without labels:
     - clusters far larger than k1: identities merged (k1 or cluster.eps too large);
     - clusters far smaller than k1: each list reaches deep into other identities.

@@ -106,7 +106,7 @@ def camera_centred(features: torch.Tensor, camids: np.ndarray | Sequence[int]) -
 
     An untrained or source-trained network sees a camera's colour cast and background before
     the person, so raw features group by camera; removing each camera's mean (per view)
-    before the Jaccard distance lets neighbours cross cameras. Issue 11's diagnosis: cluster
+    before the Jaccard distance lets neighbours cross cameras. Measured: cluster
     purity 0.40 -> 0.77 from random weights on a held-out 6-camera set.
     """
     camids_t = torch.as_tensor(np.asarray(camids), dtype=torch.long, device=features.device)

@@ -15,7 +15,7 @@ def fine_tuning_advice(pretrained: str, lr: float) -> str | None:
     """A warning when pretrained weights (ImageNet, source-pretrained or a file) are trained at a
     from-scratch learning rate (None otherwise).
 
-    Issue 11: from source-pretrained weights on a held-out 6-camera set (start 15.6 % mAP), the
+    Measured: from source-pretrained weights on a held-out 6-camera set (start 15.6 % mAP), the
     teacher at train.lr 1e-3 rose to 20.0 % by epoch 3 and ended at 15.0 %, below its start;
     at the paper's fine-tuning rate 3.5e-4 it ended at 20.0 %.
     """
@@ -34,7 +34,7 @@ def crop_pad_advice(crop_pad: int, width: int) -> str | None:
     """A warning when the crop augmentation shifts images by far more of their width than the
     paper's (None otherwise).
 
-    Issue 11: on four held-out sets at 64x32, the paper's 10 px (shifts of up to 31 % of the
+    Measured: on four held-out sets at 64x32, the paper's 10 px (shifts of up to 31 % of the
     width) left the teachers at 11.9-15.7 % mAP where a 2 px border gave 14.8-36.2 %.
     """
     if crop_pad <= 2 * PAPER_CROP_SHIFT * width:
