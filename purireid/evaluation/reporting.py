@@ -267,6 +267,17 @@ def _font(size: int, bold: bool = False) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _strip_cells(layout: RankedLayout) -> tuple[tuple[int, int, int], Image.Image, ImageDraw.ImageDraw]:
+    """The cell width and height of one framed image, the width of a row's block (its first image
+    and RANKED_LIST_LENGTH more), and a white canvas with its drawing context: what the ranked
+    lists and the cluster strips share."""
+    width, height = layout.tile
+    cell_w, cell_h = width + 2 * _BORDER + _GAP, height + 2 * _BORDER + _GAP
+    block_w = (RANKED_LIST_LENGTH + 1) * cell_w + _SEPARATOR
+    canvas = Image.new("RGB", layout.size, "white")
+    return (cell_w, cell_h, block_w), canvas, ImageDraw.Draw(canvas)
+
+
 def ranked_list_picture(path: str | Path, data_root: str | Path, query: Sequence[Record], gallery: Sequence[Record],
                         topk_indices: np.ndarray, query_rows: Sequence[int], *, title: str = "ranked lists",
                         max_size: tuple[int, int] = REPORT_MAX_SIZE) -> RankedLayout:
@@ -276,10 +287,7 @@ def ranked_list_picture(path: str | Path, data_root: str | Path, query: Sequence
     Returns the layout used."""
     layout = ranked_list_layout(len(query_rows), max_size)
     width, height = layout.tile
-    cell_w, cell_h = width + 2 * _BORDER + _GAP, height + 2 * _BORDER + _GAP
-    block_w = (RANKED_LIST_LENGTH + 1) * cell_w + _SEPARATOR
-    canvas = Image.new("RGB", layout.size, "white")
-    draw = ImageDraw.Draw(canvas)
+    (cell_w, cell_h, block_w), canvas, draw = _strip_cells(layout)
     root = Path(data_root)
     title_font, font, small = _font(15, bold=True), _font(13), _font(11)
 
@@ -344,10 +352,7 @@ def cluster_strips_picture(path: str | Path, data_root: str | Path, strips: Sequ
     shows one person. Returns the layout used."""
     layout = ranked_list_layout(len(strips), max_size)
     width, height = layout.tile
-    cell_w, cell_h = width + 2 * _BORDER + _GAP, height + 2 * _BORDER + _GAP
-    block_w = (RANKED_LIST_LENGTH + 1) * cell_w + _SEPARATOR
-    canvas = Image.new("RGB", layout.size, "white")
-    draw = ImageDraw.Draw(canvas)
+    (cell_w, cell_h, block_w), canvas, draw = _strip_cells(layout)
     root = Path(data_root)
     title_font, small = _font(15, bold=True), _font(11)
     draw.text((_MARGIN, _MARGIN), title, fill="black", font=title_font)
