@@ -143,4 +143,5 @@ def test_readme_commands_run_as_written(fresh_clone):
                  "search/reranked/ranked.json", "export/student.onnx", "export/student.pt"):
         assert (results / name).is_file(), name
     assert "mAP" in output["use"] and "this machine can run this config" in output["use"]
-    assert planned_jobs(output["config"]) == {"train_student": 1, "evaluate": 1, "summary": 1}, output["config"]
+    assert planned_jobs(output["config"]) == {"train_student": 1, "evaluate": 1, "pseudo_identities": 1, "summary": 1}, \
+        output["config"]

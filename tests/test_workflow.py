@@ -298,14 +298,14 @@ def test_changed_student_param_reruns_only_student(tiny_run, tmp_path):
     workdir, _, _ = tiny_run
     mu = write_yaml(tmp_path / "mu.yaml", {"student": {"mu": 0.5}})
     out = snakemake(workdir, "-n", "--configfile", str(TINY), str(mu)).stdout
-    assert planned_jobs(out) == {"train_student": 1, "evaluate": 1, "summary": 1}
+    assert planned_jobs(out) == {"train_student": 1, "evaluate": 1, "pseudo_identities": 1, "summary": 1}
     assert planned_evaluations(out) == {"student"}
     assert "params changed" in out.lower() or "params have changed" in out.lower(), out
     # a teacher parameter reruns everything downstream of the teacher
     eps = write_yaml(tmp_path / "eps.yaml", {"cluster": {"eps": 0.55}})
     out = snakemake(workdir, "-n", "--configfile", str(TINY), str(eps)).stdout
     assert planned_jobs(out) == {"train_teacher": 1, "extract_teacher_features": 1, "train_student": 1, "evaluate": 2,
-                                 "summary": 1}
+                                 "pseudo_identities": 2, "summary": 1}
 
 
 @pytest.mark.slow
@@ -316,7 +316,7 @@ def test_params_are_what_jobs_read(tiny_run, tmp_path):
     rerank = write_yaml(tmp_path / "rerank.yaml", {"evaluate": {"rerank": True}})
     out = snakemake(workdir, "-n", "--configfile", str(TINY), str(rerank)).stdout
     assert planned_jobs(out) == {"train_teacher": 1, "extract_teacher_features": 1, "train_student": 1, "evaluate": 2,
-                                 "summary": 1}
+                                 "pseudo_identities": 2, "summary": 1}
     pictures = write_yaml(tmp_path / "pictures.yaml", {"evaluate": {"num_ranked_queries": 3}})
     out = snakemake(workdir, "-n", "--configfile", str(TINY), str(pictures)).stdout
     assert planned_jobs(out) == {"evaluate": 2, "summary": 1}
@@ -339,15 +339,16 @@ def test_two_runs_write_identical_bytes(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_forced_student_rerun(tiny_run):
-    """`-R train_student` reruns exactly the student and its evaluation."""
+    """`-R train_student` reruns exactly the student, its evaluation and its pseudo-identities."""
     workdir, _, _ = tiny_run
     base = workdir / "results/synthetic"
     before = {p: (workdir / p).stat().st_mtime_ns for p in expected_outputs()}
     dry = snakemake(workdir, "-n", "-R", "train_student", "--configfile", str(TINY)).stdout
-    assert planned_jobs(dry) == {"train_student": 1, "evaluate": 1, "summary": 1}
+    assert planned_jobs(dry) == {"train_student": 1, "evaluate": 1, "pseudo_identities": 1, "summary": 1}
     assert planned_evaluations(dry) == {"student"}
     proc = snakemake(workdir, "--cores", "2", "-R", "train_student", "--configfile", str(TINY))
-    assert planned_jobs(proc.stdout + proc.stderr) == {"train_student": 1, "evaluate": 1, "summary": 1}
+    assert planned_jobs(proc.stdout + proc.stderr) == {"train_student": 1, "evaluate": 1, "pseudo_identities": 1,
+                                                       "summary": 1}
     changed = {p for p in before if (workdir / p).stat().st_mtime_ns != before[p]}
     assert changed == {p for p in expected_outputs() if "/student/" in p or "/synthetic/summary." in p}, changed
     assert not (base / "student" / "state" / "state.pth").exists()
