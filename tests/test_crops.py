@@ -167,9 +167,10 @@ def test_unreadable_image_is_named_by_prepare(tmp_path):
     base = crops_folder(tmp_path, {"a": 3})
     (base / "train" / "a" / "img1.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     config = resolve_config({"dataset": "crops", "data_root": str(tmp_path), "prepare": {"folder_name": "crops"}})
-    with pytest.raises(DatasetError, match="img1.jpg"):
-        prepare_dataset.run(stage_config(config, "prepare_dataset"), manifest=tmp_path / "out" / "manifest.csv",
-                            summary=tmp_path / "out" / "summary.json", progress=False)
+    one_line_error(lambda: prepare_dataset.run(stage_config(config, "prepare_dataset"),
+                                               manifest=tmp_path / "out" / "manifest.csv",
+                                               summary=tmp_path / "out" / "summary.json", progress=False),
+                   "train/a/img1.jpg", "cannot be decoded", "fix: replace or delete")
 
 
 def test_prepare_records_cameras_and_no_identities(tmp_path):

@@ -109,14 +109,13 @@ def validate_images(paths: Sequence[str | Path], workers: int = 4, progress: boo
                 bad += result
                 bar.update(len(c))
     bar.close()
-    if bad:
-        listed = "\n".join(f"    {p}: {r}" for p, r in bad[:MAX_LISTED])
-        more = f"\n    ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if bad:  # one line (the rule log's last line is the error): the files, then the fix
+        listed = "; ".join(f"{p} ({r})" for p, r in bad[:MAX_LISTED])
+        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         raise DatasetError(
-            f"{len(bad)} of {len(paths)} images cannot be decoded (corrupt or truncated):\n"
-            f"{listed}{more}\n  expected: every image decodes completely\n"
-            f"  fix: re-extract these files from the original archive (or delete the dataset "
-            f"folder and run prepare again with prepare.archive set)")
+            f"{len(bad)} of {len(paths)} images cannot be decoded (corrupt or truncated): {listed}{more}; "
+            f"fix: replace or delete these files and rerun (a published dataset: re-extract them from its "
+            f"archive, or delete the dataset folder and rerun with prepare.archive set)")
 
 
 def check_published_counts(name: str, splits: Mapping[str, Sequence[Record]]) -> None:
