@@ -100,17 +100,18 @@ def sample_clusters(labels: np.ndarray, count: int) -> list[int]:
     ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
     if not len(ids) or count < 1:
         return []
-    ordered = ids[np.lexsort((ids, -sizes))]
-    if len(ordered) <= count:
-        return [int(i) for i in ordered]
-    picks = np.unique(np.round(np.linspace(0, len(ordered) - 1, count)).astype(int))
-    return [int(ordered[p]) for p in picks]
+    return _evenly_spaced(ids[np.lexsort((ids, -sizes))], count)
 
 
 def spread_members(members: np.ndarray, distances: np.ndarray, count: int) -> list[int]:
     """Up to `count` of a cluster's `members` (image indices), from the nearest to its centre to
     the farthest, evenly spaced in that order (so the doubtful members are shown too)."""
-    order = members[np.argsort(distances[members], kind="stable")]
-    if len(order) <= count:
-        return [int(i) for i in order]
-    return [int(order[p]) for p in np.unique(np.round(np.linspace(0, len(order) - 1, count)).astype(int))]
+    return _evenly_spaced(members[np.argsort(distances[members], kind="stable")], count)
+
+
+def _evenly_spaced(ordered: np.ndarray, count: int) -> list[int]:
+    """Up to `count` entries of `ordered`, evenly spaced from its first to its last (all of them
+    when there are no more than `count`)."""
+    if len(ordered) <= count:
+        return [int(i) for i in ordered]
+    return [int(ordered[p]) for p in np.unique(np.round(np.linspace(0, len(ordered) - 1, count)).astype(int))]
